@@ -1,0 +1,111 @@
+"""The server's algorithm state across rounds, shared by the in-process simulation and the fleet server.
+
+`GlobalState` holds the global model, FedGen's generator (with its optimizer) and the label prior p_hat(y).
+A round is collected in a `RoundAccumulator` one client update at a time (a running weighted sum, plus each
+client's theta^p and label counts for FedGen) and closed with `GlobalState.close_round`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared.aggregate import LabelPrior, RunningWeightedMean
+from shared.config import AlgorithmConfig, derive_seed
+from shared.distill import GeneratorStats, make_generator, make_generator_optimizer, train_generator
+from shared.local import LatentSampler
+from shared.models import SplitClassifier, build_model, clone_state, is_predictor_key, shared_keys
+from shared.wire import encode_tensors
+
+
+@dataclass
+class RoundAccumulator:
+    """Accepted updates of one round: a running weighted mean plus what the generator needs."""
+
+    aggregate: RunningWeightedMean = field(default_factory=RunningWeightedMean)
+    predictors: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    label_counts: list[np.ndarray] = field(default_factory=list)
+    num_samples: int = 0
+
+    def add(self, upload: Mapping[str, torch.Tensor], num_samples: int, label_counts: np.ndarray) -> None:
+        self.aggregate.add(upload, float(num_samples))
+        self.predictors.append({k: v.detach().clone() for k, v in upload.items() if is_predictor_key(k)})
+        self.label_counts.append(np.asarray(label_counts, dtype=np.int64))
+        self.num_samples += int(num_samples)
+
+    @property
+    def count(self) -> int:
+        return self.aggregate.count
+
+
+class GlobalState:
+    """Global model, generator and label prior; advanced one round at a time by close_round."""
+
+    def __init__(self, cfg: AlgorithmConfig, image_shape: tuple[int, int, int], num_classes: int, seed: int):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        torch.manual_seed(derive_seed(seed, "model-init"))
+        self.model: SplitClassifier = build_model(cfg.model, image_shape, num_classes)
+        self.state = clone_state(self.model.state_dict())
+        self.prior = LabelPrior(num_classes)
+        self.generator = None
+        self.generator_optimizer = None
+        self.generator_trained = False
+        self._generator_rng = torch.Generator().manual_seed(derive_seed(seed, "generator-train"))
+        if cfg.uses_generator:
+            self.generator = make_generator(num_classes, self.model.latent_dim, cfg, derive_seed(seed, "gen-init"))
+            self.generator.eval()
+            self.generator_optimizer = make_generator_optimizer(self.generator, cfg)
+
+    @property
+    def shared_keys(self) -> list[str]:
+        return shared_keys(self.state, self.cfg.partial)
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """What a client downloads of the model: all float entries, or theta^p only in partial mode."""
+        return {k: self.state[k] for k in self.shared_keys}
+
+    def close_round(self, acc: RoundAccumulator, round_idx: int) -> GeneratorStats | None:
+        """Replace the shared entries by the weighted mean, update p_hat(y), and (FedGen) train the generator."""
+        self.state.update(acc.aggregate.result())
+        for counts in acc.label_counts:
+            self.prior.update(counts)
+        if self.generator is None:
+            return None
+        stats = train_generator(self.generator, self.generator_optimizer, self.model.predictor, acc.predictors,
+                                np.stack(acc.label_counts), self.cfg, round_idx, self._generator_rng)
+        self.generator_trained = True
+        return stats
+
+    def sampler(self) -> LatentSampler | None:
+        """The generator as a client uses it (eval mode, no gradient), or None before it was first trained."""
+        if self.generator is None or not self.generator_trained:
+            return None
+        generator = self.generator
+
+        def sample(noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return generator(noise, labels)
+
+        return sample
+
+    def download_bytes(self) -> int:
+        """Bytes one selected client downloads: the shared model, plus generator and p_hat(y) once trained."""
+        size = len(encode_tensors(self.shared_state()))
+        if self.generator is not None and self.generator_trained:
+            payload = dict(self.generator.state_dict())
+            payload["label_prior"] = torch.as_tensor(self.prior.probabilities(), dtype=torch.float32)
+            size += len(encode_tensors(payload))
+        return size
+
+
+def client_start_state(global_state: Mapping[str, torch.Tensor], own_state: Mapping[str, torch.Tensor] | None,
+                       partial: bool) -> dict[str, torch.Tensor]:
+    """The state a client trains from: the global model, or in partial mode its own theta^f (kept on the
+    device since it last trained; the global initial one before that) with the global theta^p."""
+    if not partial or own_state is None:
+        return dict(global_state)
+    return {k: (global_state[k] if is_predictor_key(k) else own_state[k]) for k in global_state}
