@@ -87,7 +87,7 @@ def dirichlet_split(labels: np.ndarray, num_classes: int, cfg: PartitionConfig,
                          "raise alpha or lower min_samples")
 
 
-def test_split(labels: np.ndarray, train_labels_per_user: list[np.ndarray], num_classes: int,
+def split_test_sets(labels: np.ndarray, train_labels_per_user: list[np.ndarray], num_classes: int,
                rng: np.random.Generator) -> list[np.ndarray]:
     """Disjoint per-user test indices, balanced over each user's own training labels."""
     users = len(train_labels_per_user)
@@ -109,7 +109,7 @@ def partition(dataset: Dataset, cfg: PartitionConfig) -> list[UserData]:
     rng = np.random.default_rng(cfg.seed)
     num_classes = dataset.info.num_classes
     train_idx = dirichlet_split(dataset.train_y, num_classes, cfg, rng)
-    test_idx = test_split(dataset.test_y, [dataset.train_y[i] for i in train_idx], num_classes, rng)
+    test_idx = split_test_sets(dataset.test_y, [dataset.train_y[i] for i in train_idx], num_classes, rng)
     return [
         UserData(
             user=k,
