@@ -1,0 +1,160 @@
+"""A thin paho-mqtt wrapper used by the server and the edge client: MQTT 3.1.1, QoS 1, persistent sessions,
+automatic reconnection, TLS, last will. Transport only: it knows topics and bytes, nothing of the algorithm."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+
+log = logging.getLogger("fedgen.mqtt")
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """mqtt://host:port (default 1883) or mqtts://host:port (TLS, default 8883)."""
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        tls = parsed.scheme in ("mqtts", "ssl")
+        if not parsed.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
+
+
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttLink:
+    """One MQTT connection that survives broker restarts: subscriptions are renewed on every (re)connect,
+    QoS 1 messages published while disconnected are queued by paho and sent after reconnecting, and every
+    received message is put on `inbox` (processed by the owner's thread, never in paho's network thread)."""
+
+    def __init__(self, url: str, client_id: str, *, clean_session: bool = False, username: str | None = None,
+                 password: str | None = None, tls_ca: str | None = None, keepalive: int = 30,
+                 will: tuple[str, bytes] | None = None):
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.connected = threading.Event()
+        self._subscriptions: set[str] = set()
+        self._on_connect_hooks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._keepalive = keepalive
+        self.last_error: str | None = None
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                             protocol=paho.MQTTv311)
+        client.max_queued_messages_set(0)  # unbounded: QoS 1 publishes made while offline are never dropped
+        client.max_inflight_messages_set(50)
+        client.reconnect_delay_set(min_delay=1, max_delay=15)
+        if username:
+            client.username_pw_set(username, password)
+        if self.address.tls or tls_ca:
+            client.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        self._client = client
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self, wait: float | None = 30.0) -> MqttLink:
+        """Connect in the background (retrying forever); optionally wait for the first connection."""
+        self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
+        self._client.loop_start()
+        if wait is not None and not self.connected.wait(wait):
+            detail = f" ({self.last_error})" if self.last_error else ""
+            raise ConnectionError(f"no connection to {self.address.host}:{self.address.port} within {wait} s{detail}")
+        return self
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the broker does not publish the will) and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would (the broker publishes the will)."""
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+        self.connected.clear()
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Call `hook` (from the network thread) after every successful (re)connection."""
+        self._on_connect_hooks.append(hook)
+
+    # ------------------------------------------------------------------------------------------ messaging
+    def subscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subscriptions.add(topic)
+        if self.connected.is_set():
+            self._client.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subscriptions.discard(topic)
+        if self.connected.is_set():
+            self._client.unsubscribe(topic)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, wait: float | None = None) -> bool:
+        """Publish at QoS 1. With `wait`, block until the broker acknowledged it (True) or the time ran out."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if wait is None:
+            return True
+        deadline = time.monotonic() + wait
+        while not info.is_published():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def clear_retained(self, topic: str) -> None:
+        self._client.publish(topic, b"", qos=1, retain=True)
+
+    # ------------------------------------------------------------------------------------------ callbacks
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
+            log.warning("%s: %s", self.client_id, self.last_error)
+            return
+        with self._lock:
+            topics = sorted(self._subscriptions)
+        for topic in topics:
+            client.subscribe(topic, qos=1)
+        self.last_error = None
+        self.connected.set()
+        log.info("%s connected to %s:%d (session present: %s)", self.client_id, self.address.host,
+                 self.address.port, flags.session_present)
+        for hook in self._on_connect_hooks:
+            try:
+                hook()
+            except Exception:  # a hook must not kill paho's network thread
+                log.exception("on-connect hook failed")
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if self.connected.is_set():
+            log.warning("%s disconnected from the broker (%s); reconnecting", self.client_id, reason_code)
+        self.connected.clear()
+
+    def _handle_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
