@@ -9,9 +9,9 @@ Two back ends:
   file paths, the ``user`` to run as and the log destination.  Every other setting
   (queue limits, ``allow_anonymous`` ...) is kept exactly as written, so tests exercise
   the real policy.
-* :func:`start_embedded_broker` runs the pure-Python ``amqtt`` broker in a subprocess,
-  for machines without a ``mosquitto`` binary.  See its docstring for what it can and
-  cannot do.
+* :func:`start_embedded_broker` runs the project's own pure-Python MQTT 3.1.1 broker
+  (:mod:`server_api.embedded_broker`, standard library only) in a subprocess, for machines
+  without a ``mosquitto`` binary.  Development and tests only: no TLS, no ACL.
 
 :func:`start_broker` picks one.  Every function returns a :class:`BrokerProcess`, which
 is a context manager with ``url``, ``port``, ``stop()``, ``kill()`` and ``restart()``.
@@ -25,6 +25,7 @@ Running this module starts a broker in the foreground::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pwd
 import shutil
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+_log = logging.getLogger("fedgen.broker")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_START_TIMEOUT = 10.0
 MOSQUITTO_FALLBACK_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
@@ -369,97 +371,44 @@ def start_mosquitto(config: Path, workdir: Path, port: int | None = None, tls: T
     return broker.start()
 
 
-# --------------------------------------------------------------------------- embedded (amqtt)
-
-# Verified against amqtt 0.12.1 with paho-mqtt 2.2 (MQTT 3.1.1) clients; see docs/broker.md.
-AMQTT_LIMITATIONS = (
-    "amqtt 0.12.1 does not meet the broker contract FedGen needs: "
-    "(1) its AnonymousAuthPlugin marks every session anonymous (even with a username) when "
-    "allow_anonymous is on, and amqtt never queues QoS 1 messages for an offline anonymous "
-    "persistent session, so a disconnected server silently loses uploads; "
-    "(2) when a persistent session reconnects, amqtt re-sends at QoS 0 the retained messages of "
-    "every topic filter any client has subscribed to, not just this session's (a cross-topic leak), "
-    "and it flags queued messages retain=1; "
-    "(3) retained messages and sessions live in memory only and vanish on restart unless the "
-    "contrib SessionDBPlugin (sqlalchemy + aiosqlite) is added; "
-    "(4) no Mosquitto-style ACL file, so the per-device topic isolation cannot be reproduced. "
-    "Install mosquitto (apt-get install mosquitto / brew install mosquitto), or pass "
-    "accept_limitations=True for a throw-away smoke-test broker"
-)
+# --------------------------------------------------------------------------- embedded broker
 
 
-def amqtt_available(python: str | None = None) -> bool:
-    """True when ``python`` (default: this interpreter) can import ``amqtt``."""
-    probe = subprocess.run([python or sys.executable, "-c", "import amqtt.broker"],
-                           capture_output=True, check=False)
-    return probe.returncode == 0
+# Keyword arguments of start_broker() that the embedded broker understands.
+EMBEDDED_OPTIONS = frozenset({"host", "python", "start_timeout", "persistence", "max_queued_messages",
+                              "autosave_interval", "log_level"})
 
 
 def start_embedded_broker(port: int | None = None, workdir: Path | None = None, *, host: str = DEFAULT_HOST,
                           python: str | None = None, start_timeout: float = DEFAULT_START_TIMEOUT,
-                          accept_limitations: bool = False) -> BrokerProcess:
-    """Start the pure-Python ``amqtt`` broker in a subprocess (plain TCP, no ACL).
+                          persistence: bool = True, max_queued_messages: int | None = None,
+                          autosave_interval: float | None = None,
+                          log_level: str = "info") -> BrokerProcess:
+    """Start the project's pure-Python broker (:mod:`server_api.embedded_broker`) in a subprocess.
 
-    Not a substitute for Mosquitto: raises :class:`NotImplementedError` listing the gaps
-    (:data:`AMQTT_LIMITATIONS`) unless ``accept_limitations=True``.  With it, runs
-    ``python -m server_api.broker_process embedded --port PORT`` with an accept-everyone
-    authenticator (so that persistent sessions do queue QoS 1 messages); ``python``
-    defaults to this interpreter, which must be able to import ``amqtt``.
+    Runs ``python -m server_api.embedded_broker --host HOST --port PORT`` (``python`` defaults
+    to this interpreter; nothing beyond the standard library is needed) with, when
+    ``persistence`` is true, ``--persistence workdir/embedded-broker.json``: retained messages
+    and persistent sessions survive ``stop()``/``restart()`` (same port, same file), and a
+    ``kill()`` loses what was not yet autosaved.  Plain TCP, no ACL: development and tests only;
+    see docs/broker.md ("Embedded broker").  The log is ``workdir/embedded.log``.
     """
-    if not accept_limitations:
-        raise NotImplementedError(AMQTT_LIMITATIONS)
-    if not amqtt_available(python):
-        raise BrokerStartError("amqtt is not importable; pip install amqtt==0.12.1, or install mosquitto")
     workdir = workdir or Path.cwd() / "state" / "embedded-broker"
     workdir.mkdir(parents=True, exist_ok=True)
     chosen = port or find_free_port(host)
     project_root = Path(__file__).resolve().parent.parent
     pythonpath = os.pathsep.join(filter(None, [str(project_root), os.environ.get("PYTHONPATH")]))
-    argv = [python or sys.executable, "-m", "server_api.broker_process", "embedded", "--host", host, "--port", str(chosen)]
-    broker = BrokerProcess(argv, workdir, host, chosen, kind="amqtt", env={**os.environ, "PYTHONPATH": pythonpath},
+    argv = [python or sys.executable, "-m", "server_api.embedded_broker", "--host", host, "--port", str(chosen),
+            "--log-level", log_level]
+    if persistence:
+        argv += ["--persistence", str((workdir / "embedded-broker.json").resolve())]
+    if max_queued_messages is not None:
+        argv += ["--max-queued", str(max_queued_messages)]
+    if autosave_interval is not None:
+        argv += ["--autosave-interval", str(autosave_interval)]
+    broker = BrokerProcess(argv, workdir, host, chosen, kind="embedded", env={**os.environ, "PYTHONPATH": pythonpath},
                            cwd=project_root, start_timeout=start_timeout)
     return broker.start()
-
-
-def _install_amqtt_allow_all() -> str:
-    """Define an amqtt auth plugin that accepts everyone *without* marking sessions anonymous.
-
-    amqtt loads plugins by dotted path; the class is attached to ``__main__`` (this module
-    when run with ``-m``) so that amqtt can import it.  Returns the dotted path.
-    """
-    from amqtt.plugins.base import BaseAuthPlugin  # optional dependency
-
-    class AllowAll(BaseAuthPlugin):  # type: ignore[misc]
-        async def authenticate(self, *, session: object) -> bool:
-            return True
-
-    setattr(sys.modules["__main__"], "FedgenAmqttAllowAll", AllowAll)
-    return "__main__.FedgenAmqttAllowAll"
-
-
-def _run_amqtt(host: str, port: int) -> int:
-    """Foreground amqtt broker until SIGTERM/SIGINT (used by ``start_embedded_broker``)."""
-    import asyncio
-    import logging
-
-    from amqtt.broker import Broker  # optional dependency
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-              "plugins": {_install_amqtt_allow_all(): {}}}
-
-    async def serve() -> None:
-        broker = Broker(config)
-        await broker.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await broker.shutdown()
-
-    asyncio.run(serve())
-    return 0
 
 
 # --------------------------------------------------------------------------- chooser / CLI
@@ -467,10 +416,13 @@ def _run_amqtt(host: str, port: int) -> int:
 
 def start_broker(prefer: str = "mosquitto", config: Path | None = None, workdir: Path | None = None,
                  port: int | None = None, **kwargs: object) -> BrokerProcess:
-    """Start Mosquitto when its binary exists (and ``prefer == "mosquitto"``), else amqtt.
+    """Start Mosquitto when its binary exists (and ``prefer == "mosquitto"``), else the embedded broker.
 
     ``config`` defaults to ``broker/mosquitto/dev.conf`` next to this package; ``workdir``
-    to ``./state/broker``.  Extra keyword arguments go to :func:`start_mosquitto`.
+    to ``./state/broker``.  Extra keyword arguments go to :func:`start_mosquitto`, or to
+    :func:`start_embedded_broker` when that one is started (a warning is logged); Mosquitto-only
+    options (``tls``, ``password_file``, ``acl_file`` ...) then raise :class:`BrokerStartError`
+    rather than being silently dropped.
     """
     if prefer not in {"mosquitto", "embedded"}:
         raise ValueError(f"prefer must be 'mosquitto' or 'embedded', not {prefer!r}")
@@ -478,7 +430,17 @@ def start_broker(prefer: str = "mosquitto", config: Path | None = None, workdir:
     if prefer == "mosquitto" and find_mosquitto() is not None:
         config = config or Path(__file__).resolve().parent.parent / "broker" / "mosquitto" / "dev.conf"
         return start_mosquitto(config, workdir, port, **kwargs)  # type: ignore[arg-type]
-    return start_embedded_broker(port, workdir)  # raises NotImplementedError: see AMQTT_LIMITATIONS
+    unsupported = sorted(k for k, v in kwargs.items() if k not in EMBEDDED_OPTIONS and v is not None)
+    if unsupported:
+        raise BrokerStartError(f"the embedded broker (used because {_why_embedded(prefer)}) does not support "
+                               f"{', '.join(unsupported)}: it has no TLS, password file or ACL; install mosquitto")
+    _log.warning("starting the embedded MQTT broker (development only: no TLS, no ACL) because %s%s",
+                 _why_embedded(prefer), f"; {config} is not used" if config is not None else "")
+    return start_embedded_broker(port, workdir, **kwargs)  # type: ignore[arg-type]
+
+
+def _why_embedded(prefer: str) -> str:
+    return "prefer='embedded'" if prefer == "embedded" else "no mosquitto binary was found"
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -489,16 +451,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     m.add_argument("--workdir", type=Path, default=Path("state/broker"))
     m.add_argument("--port", type=int)
     m.add_argument("--host", default=DEFAULT_HOST)
-    e = sub.add_parser("embedded", help="run the amqtt broker (foreground)")
-    e.add_argument("--port", type=int, default=1883)
-    e.add_argument("--host", default=DEFAULT_HOST)
-    return p.parse_args(argv)
+    sub.add_parser("embedded", add_help=False,
+                   help="run the embedded broker (foreground); options: python -m server_api.embedded_broker -h")
+    args, rest = p.parse_known_args(argv)
+    if args.cmd != "embedded" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.cmd == "embedded":
-        return _run_amqtt(args.host, args.port)
+        from server_api.embedded_broker import main as embedded_main
+
+        return embedded_main(args.rest)
     broker = start_mosquitto(args.config, args.workdir, args.port, host=args.host)
     print(f"mosquitto running at {broker.url} (log: {broker.log_path}); Ctrl-C to stop", flush=True)
     try:

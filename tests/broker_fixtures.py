@@ -15,6 +15,7 @@ skipped when no ``mosquitto`` binary exists.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -165,6 +166,8 @@ def mqtt_clients() -> Iterator[Callable[..., Client]]:
 
 def _require_mosquitto() -> None:
     if find_mosquitto() is None:
+        if os.environ.get("FEDGEN_REQUIRE_MOSQUITTO") == "1":
+            pytest.fail("mosquitto binary not installed, and FEDGEN_REQUIRE_MOSQUITTO=1")
         pytest.skip("mosquitto binary not installed")
 
 

@@ -322,11 +322,12 @@ def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
         start_mosquitto(conf, tmp_path / "b")
 
 
-def test_embedded_broker_is_not_a_substitute() -> None:
-    with pytest.raises(NotImplementedError, match="amqtt"):
-        start_embedded_broker()
-    with pytest.raises(NotImplementedError):
-        start_broker(prefer="embedded")
+def test_embedded_broker_is_the_fallback(tmp_path: Path, mqtt_clients: Callable[..., Client]) -> None:
+    with start_broker(prefer="embedded", workdir=tmp_path / "embedded") as broker:
+        assert broker.kind == "embedded" and broker.url == f"mqtt://127.0.0.1:{broker.port}"
+        mqtt_clients(broker.port, "fallback-probe")
+    with start_embedded_broker(workdir=tmp_path / "embedded2", persistence=False) as broker:
+        assert broker.running
 
 
 @pytest.mark.parametrize("bad", ["a/b", "a+b", "a#", "a b", "x" * 65, "", "_lead", "a:b", "$SYS", "dév"])
