@@ -64,6 +64,33 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     return acc.result()
 
 
+AGGREGATIONS = ("mean", "median", "trimmed_mean")
+
+
+def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (as Flower's FedMedian; unweighted). For an even count, the mean of the two
+    middle values."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    return {k: torch.quantile(torch.stack([u[k].double() for u in updates]), 0.5, dim=0).to(updates[0][k].dtype)
+            for k in updates[0]}
+
+
+def trimmed_mean(updates: Sequence[Mapping[str, torch.Tensor]], ratio: float) -> dict[str, torch.Tensor]:
+    """Coordinate-wise mean after dropping the `ratio` largest and smallest values of each coordinate
+    (as Flower's FedTrimmedAvg; unweighted)."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    if not 0 <= ratio < 0.5:
+        raise ValueError("trim ratio must be in [0, 0.5)")
+    cut = int(ratio * len(updates))
+    out = {}
+    for k in updates[0]:
+        ordered = torch.sort(torch.stack([u[k].double() for u in updates]), dim=0).values
+        out[k] = ordered[cut:len(updates) - cut].mean(dim=0).to(updates[0][k].dtype)
+    return out
+
+
 class LabelPrior:
     """p_hat(y): label counts accumulated over every accepted update, normalised on demand."""
 

@@ -100,6 +100,35 @@ def cmd_data_make_subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from server_api.main import run_server
+    from server_api.settings import ServerSettings
+
+    overrides = {k: v for k, v in {"broker_url": args.broker, "database_url": args.db, "host": args.host,
+                                   "port": args.port, "artifact_dir": args.artifacts}.items() if v is not None}
+    run_server(ServerSettings(**overrides), job_file=args.job_file, client_id=args.client_id,
+               shared_subscription=args.shared_subscription)
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from server_api.fleet import FleetConfig, run_fleet
+
+    cfg = FleetConfig(clients=args.clients, rounds=args.rounds, algorithm=args.algorithm, partial=args.partial,
+                      dataset=args.dataset, alpha=args.alpha, seed=args.seed, active=args.active,
+                      samples_per_class=args.samples_per_class, local_steps=args.local_steps,
+                      round_timeout_s=args.round_timeout, aggregation=args.aggregation, broker_url=args.broker,
+                      db_url=args.db, port=args.port, data_dir=args.data_dir, workdir=args.workdir,
+                      keep_serving=args.keep_serving)
+    summary = run_fleet(cfg, args.out)
+    if summary:
+        print(f"job {summary.get('job_status')}: final accuracy {summary.get('final_accuracy')}, "
+              f"top-5 {summary.get('top5_accuracy')}")
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0 if summary.get("job_status") == "finished" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgen", description="FedGen federated learning: simulation, data, fleet.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -125,6 +154,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_partition_args(part)
     part.add_argument("--png", type=Path, help="save a scatter plot like the paper's Figure 4")
     part.set_defaults(func=cmd_partition)
+
+    srv = sub.add_parser("server", help="run the REST API and round orchestrator (needs .[server])")
+    srv.add_argument("--broker", help="mqtt://HOST:PORT (default $FEDGEN_BROKER_URL or mqtt://127.0.0.1:1883)")
+    srv.add_argument("--db", help="SQLAlchemy URL (default $FEDGEN_DATABASE_URL or sqlite:///fedgen.db)")
+    srv.add_argument("--host", help="REST API address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="REST API port (default 8000)")
+    srv.add_argument("--artifacts", type=Path, help="artifact store folder (default ./fedgen-artifacts)")
+    srv.add_argument("--job-file", type=Path, help="create this job (JSON, as POST /jobs) on start if missing")
+    srv.add_argument("--client-id", default="fedgen-server", help="MQTT client id (distinct per server process)")
+    srv.add_argument("--shared-subscription", action="store_true",
+                     help="ingest updates through $share/fedgen-server/... (several server processes)")
+    srv.set_defaults(func=cmd_server)
+
+    fleet = sub.add_parser("fleet", help="broker + server + N edge clients on this machine (like compose)")
+    fleet.add_argument("--clients", type=int, default=10)
+    fleet.add_argument("--rounds", type=int, default=10)
+    fleet.add_argument("--algorithm", choices=["fedavg", "fedprox", "fedgen"], default="fedgen")
+    fleet.add_argument("--partial", action="store_true")
+    fleet.add_argument("--dataset", default="mnist-subset")
+    fleet.add_argument("--data-dir", default=None)
+    fleet.add_argument("--alpha", type=float, default=0.1)
+    fleet.add_argument("--seed", type=int, default=0)
+    fleet.add_argument("--active", type=int, default=None, help="clients per round (default: half)")
+    fleet.add_argument("--samples-per-class", type=_samples_per_class, default=1000)
+    fleet.add_argument("--local-steps", type=int, default=20)
+    fleet.add_argument("--round-timeout", type=int, default=120)
+    fleet.add_argument("--aggregation", choices=["mean", "median", "trimmed_mean"], default="mean")
+    fleet.add_argument("--broker", help="use this broker instead of starting one")
+    fleet.add_argument("--db", help="database URL (default: SQLite in the work directory)")
+    fleet.add_argument("--port", type=int, help="REST API port (default: a free one)")
+    fleet.add_argument("--workdir", type=Path, help="logs, database, artifacts, device states (default: temp)")
+    fleet.add_argument("--out", type=Path, help="write run.json here")
+    fleet.add_argument("--keep-serving", action="store_true", help="keep broker and server up after the job")
+    fleet.set_defaults(func=cmd_fleet)
 
     data = sub.add_parser("data", help="dataset files").add_subparsers(dest="data_command", required=True)
     dl = data.add_parser("download", help="download and verify datasets into the data directory")

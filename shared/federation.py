@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shared.aggregate import LabelPrior, RunningWeightedMean
+from shared.aggregate import AGGREGATIONS, LabelPrior, RunningWeightedMean, coordinate_median, trimmed_mean
 from shared.config import AlgorithmConfig, derive_seed
 from shared.distill import GeneratorStats, make_generator, make_generator_optimizer, train_generator
 from shared.local import LatentSampler
@@ -23,22 +23,50 @@ from shared.wire import encode_tensors
 
 @dataclass
 class RoundAccumulator:
-    """Accepted updates of one round: a running weighted mean plus what the generator needs."""
+    """Accepted updates of one round.
 
+    `mean` (the default, sample-weighted) keeps only a running sum, so memory does not grow with the number
+    of clients; the robust rules `median` and `trimmed_mean` need every update and keep them all. FedGen's
+    generator additionally needs each client's theta^p and label counts, kept here (small).
+    Clients are identified so that the generator sees them in a fixed order (sorted by id) whatever the
+    order of arrival.
+    """
+
+    mode: str = "mean"
+    trim_ratio: float = 0.1
     aggregate: RunningWeightedMean = field(default_factory=RunningWeightedMean)
-    predictors: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    label_counts: list[np.ndarray] = field(default_factory=list)
+    uploads: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    predictors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    label_counts: dict[str, np.ndarray] = field(default_factory=dict)
     num_samples: int = 0
 
-    def add(self, upload: Mapping[str, torch.Tensor], num_samples: int, label_counts: np.ndarray) -> None:
-        self.aggregate.add(upload, float(num_samples))
-        self.predictors.append({k: v.detach().clone() for k, v in upload.items() if is_predictor_key(k)})
-        self.label_counts.append(np.asarray(label_counts, dtype=np.int64))
+    def __post_init__(self) -> None:
+        if self.mode not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.mode!r}; known: {', '.join(AGGREGATIONS)}")
+
+    def add(self, upload: Mapping[str, torch.Tensor], num_samples: int, label_counts: np.ndarray,
+            client: str | int | None = None) -> None:
+        key = str(client) if client is not None else f"#{self.count:06d}"
+        if key in self.predictors:
+            raise ValueError(f"client {key} already contributed to this round")
+        if self.mode == "mean":
+            self.aggregate.add(upload, float(num_samples))
+        else:
+            self.uploads.append({k: v.detach().clone() for k, v in upload.items()})
+        self.predictors[key] = {k: v.detach().clone() for k, v in upload.items() if is_predictor_key(k)}
+        self.label_counts[key] = np.asarray(label_counts, dtype=np.int64)
         self.num_samples += int(num_samples)
 
     @property
     def count(self) -> int:
-        return self.aggregate.count
+        return len(self.predictors)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.mode == "mean":
+            return self.aggregate.result()
+        if self.mode == "median":
+            return coordinate_median(self.uploads)
+        return trimmed_mean(self.uploads, self.trim_ratio)
 
 
 class GlobalState:
@@ -54,7 +82,7 @@ class GlobalState:
         self.generator = None
         self.generator_optimizer = None
         self.generator_trained = False
-        self._generator_rng = torch.Generator().manual_seed(derive_seed(seed, "generator-train"))
+        self.generator_rng = torch.Generator().manual_seed(derive_seed(seed, "generator-train"))
         if cfg.uses_generator:
             self.generator = make_generator(num_classes, self.model.latent_dim, cfg, derive_seed(seed, "gen-init"))
             self.generator.eval()
@@ -70,13 +98,16 @@ class GlobalState:
 
     def close_round(self, acc: RoundAccumulator, round_idx: int) -> GeneratorStats | None:
         """Replace the shared entries by the weighted mean, update p_hat(y), and (FedGen) train the generator."""
-        self.state.update(acc.aggregate.result())
-        for counts in acc.label_counts:
-            self.prior.update(counts)
+        self.state.update(acc.result())
+        clients = sorted(acc.predictors)
+        for client in clients:
+            self.prior.update(acc.label_counts[client])
         if self.generator is None:
             return None
-        stats = train_generator(self.generator, self.generator_optimizer, self.model.predictor, acc.predictors,
-                                np.stack(acc.label_counts), self.cfg, round_idx, self._generator_rng)
+        stats = train_generator(self.generator, self.generator_optimizer, self.model.predictor,
+                                [acc.predictors[c] for c in clients],
+                                np.stack([acc.label_counts[c] for c in clients]), self.cfg, round_idx,
+                                self.generator_rng)
         self.generator_trained = True
         return stats
 

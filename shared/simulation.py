@@ -86,7 +86,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
                                   round_seed(cfg.seed, r, k), sampler, prior)
             if algo.partial:
                 own_states[k] = result.state
-            acc.add(result.upload, result.num_samples, result.label_counts)
+            acc.add(result.upload, result.num_samples, result.label_counts, client=k)
             bytes_up += len(encode_tensors(result.upload))
             train_losses.append(result.train_loss)
         gen_stats = state.close_round(acc, r)

@@ -26,7 +26,7 @@ def run_round(state: GlobalState, users, selected, round_idx, own=None):
         start = client_start_state(state.state, (own or {}).get(k), state.cfg.partial)
         res = local_update(state.model, start, users[k].train_x, users[k].train_y, state.cfg, round_idx,
                            round_seed(0, round_idx, k), state.sampler(), state.prior.probabilities())
-        acc.add(res.upload, res.num_samples, res.label_counts)
+        acc.add(res.upload, res.num_samples, res.label_counts, client=k)
         results[k] = res
     state.close_round(acc, round_idx)
     return results

@@ -1,0 +1,82 @@
+"""The round orchestrator: one MQTT connection for the server, one worker thread per running job."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from sqlalchemy import select
+
+from server_api.db import Job, JobStatus
+from server_api.job_worker import JobWorker, ServerContext
+from shared.protocol import ROOT
+
+log = logging.getLogger("fedgen.server")
+SHARED_GROUP = "fedgen-server"
+
+
+class Orchestrator:
+    """Starts a JobWorker for every job that is created or running, and routes each received message to the
+    worker of its job (the job id is the topic level after the protocol root)."""
+
+    def __init__(self, ctx: ServerContext, shared_subscription: bool = False):
+        self.ctx = ctx
+        self.workers: dict[str, JobWorker] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="mqtt-dispatch", daemon=True)
+        prefix = f"$share/{SHARED_GROUP}/" if shared_subscription else ""
+        self.subscriptions = [f"{prefix}{ROOT}/+/clients/+/update", f"{ROOT}/+/clients/+/presence"]
+
+    def start(self) -> Orchestrator:
+        for topic in self.subscriptions:
+            self.ctx.link.subscribe(topic)
+        self._dispatcher.start()
+        for job_id in self.ctx.tx(lambda s: list(s.scalars(select(Job.id).where(
+                Job.status.in_([JobStatus.CREATED, JobStatus.RUNNING]))))):
+            self.job_created(job_id)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            worker.stop()
+        for worker in workers:
+            worker.join(timeout=10)
+
+    def job_created(self, job_id: str) -> None:
+        """Start running `job_id` (called by POST /jobs, and on start for unfinished jobs)."""
+        with self._lock:
+            if job_id in self.workers and self.workers[job_id].is_alive():
+                return
+            worker = JobWorker(job_id, self.ctx)
+            self.workers[job_id] = worker
+        worker.start()
+
+    def status(self) -> dict:
+        with self._lock:
+            running = sum(1 for w in self.workers.values() if w.is_alive())
+        return {"broker": "connected" if self.ctx.link.connected.is_set() else "disconnected",
+                "jobs_running": running,
+                "database": "ok" if self.ctx.db_healthy.is_set() else "retrying"}
+
+    def _dispatch(self) -> None:
+        prefix = ROOT.split("/")
+        while not self._stopping.is_set():
+            try:
+                msg = self.ctx.link.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            parts = msg.topic.split("/")
+            if len(parts) <= len(prefix) or parts[: len(prefix)] != prefix:
+                continue
+            job_id = parts[len(prefix)]
+            with self._lock:
+                worker = self.workers.get(job_id)
+            if worker is not None and worker.is_alive():
+                worker.inbox.put(msg)
+            elif msg.topic.endswith("/update"):
+                log.warning("update on %s for a job that is not running; ignored", msg.topic)
