@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench-paper lint clean
+.PHONY: install test test-fast chaos demo demo-simulate bench-paper lint clean
 
 install: $(STAMP)
 
@@ -21,11 +21,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-## a short FedGen simulation on the shipped MNIST subset (offline; about a minute on 2 cores)
+## a simulated fleet on this machine: broker, server (SQLite), 10 edge clients, MNIST subset (offline)
 demo: $(STAMP)
+	rm -rf runs/fleet && mkdir -p runs
+	$(BIN)/fedgen fleet --clients 10 --rounds 15 --algorithm fedgen --dataset mnist-subset --alpha 0.1 \
+		--seed 0 --workdir runs/fleet --out runs/fleet.json
+
+## the same algorithm in one process (no broker, no server)
+demo-simulate: $(STAMP)
 	mkdir -p runs
 	$(BIN)/fedgen simulate --algorithm fedgen --dataset mnist-subset --samples-per-class 1000 \
 		--alpha 0.1 --users 20 --active 10 --rounds 30 --seed 0 --out runs/demo.json --plot runs/demo.png
+
+## only the fault-injection tests (make test runs them too)
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -m chaos
 
 ## the paper-table benchmark (MNIST, 39 runs of 200 rounds; needs FEDGEN_DATA_DIR or DATA_DIR)
 bench-paper: $(STAMP)

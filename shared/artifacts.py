@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from shared.models import Generator, SplitClassifier
-from shared.wire import DEFAULT_MAX_ABS_VALUE, ValidationError, encode_tensors, sha256_hex
+from shared.wire import DEFAULT_MAX_ABS_VALUE, ValidationError, check_names, check_values, encode_tensors, sha256_hex
 
 if TYPE_CHECKING:  # imported lazily below: the exporters do not need onnxruntime, the readers not torch.onnx
     import onnx
@@ -290,11 +290,7 @@ def _to_tensor(name: str, proto: onnx.TensorProto, dtype: torch.dtype, max_abs: 
         tensor = torch.from_numpy(array).to(dtype)
     except Exception as exc:  # noqa: BLE001 -- inconsistent sizes, unsupported storage
         raise ValidationError("bad_onnx", f"{name}: unreadable tensor data ({type(exc).__name__})") from None
-    if tensor.is_floating_point():
-        if not torch.isfinite(tensor).all():
-            raise ValidationError("non_finite", f"{name} contains NaN or Inf")
-        if tensor.numel() and float(tensor.abs().max()) > max_abs:
-            raise ValidationError("absurd_magnitude", f"{name} has values beyond +-{max_abs:g}")
+    check_values(name, tensor, max_abs)
     return tensor
 
 
@@ -427,12 +423,7 @@ def apply_delta(old: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tenso
 
 def _check_compatible(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str,
                       require_float32: bool) -> None:
-    missing = sorted(set(base) - set(other))
-    extra = sorted(set(other) - set(base))
-    if missing:
-        raise ValidationError("missing_tensor", f"{what} lacks {missing}")
-    if extra:
-        raise ValidationError("unexpected_tensor", f"{what} has unexpected {extra}")
+    check_names(other, base, what)
     for name, tensor in base.items():
         if tuple(other[name].shape) != tuple(tensor.shape):
             raise ValidationError("bad_shape", f"{what} {name} has shape {tuple(other[name].shape)}, "

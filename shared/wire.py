@@ -46,24 +46,35 @@ def decode_tensors(
         tensors = st_load(bytes(blob))
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise ValidationError("undecodable", f"not a safetensors payload ({exc})") from None
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing:
-        raise ValidationError("missing_tensor", f"missing tensors {missing}")
-    if extra:
-        raise ValidationError("unexpected_tensor", f"unexpected tensors {extra}")
+    check_names(tensors, expected, "payload")
     for name, tensor in tensors.items():
         shape, dtype = expected[name]
         if tuple(tensor.shape) != tuple(shape):
             raise ValidationError("bad_shape", f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
         if tensor.dtype != dtype:
             raise ValidationError("bad_dtype", f"{name} has dtype {tensor.dtype}, expected {dtype}")
-        if tensor.is_floating_point():
-            if not torch.isfinite(tensor).all():
-                raise ValidationError("non_finite", f"{name} contains NaN or Inf")
-            if tensor.numel() and float(tensor.abs().max()) > max_abs:
-                raise ValidationError("absurd_magnitude", f"{name} has values beyond +-{max_abs:g}")
+        check_values(name, tensor, max_abs)
     return tensors
+
+
+def check_names(actual: Mapping[str, object], expected: Mapping[str, object], what: str) -> None:
+    """The same tensor names on both sides, or ValidationError missing_tensor / unexpected_tensor."""
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    if missing:
+        raise ValidationError("missing_tensor", f"{what} lacks tensors {missing}")
+    if extra:
+        raise ValidationError("unexpected_tensor", f"{what} has unexpected tensors {extra}")
+
+
+def check_values(name: str, tensor: torch.Tensor, max_abs: float = DEFAULT_MAX_ABS_VALUE) -> None:
+    """Floating-point values must be finite and no larger than `max_abs` in magnitude."""
+    if not tensor.is_floating_point():
+        return
+    if not torch.isfinite(tensor).all():
+        raise ValidationError("non_finite", f"{name} contains NaN or Inf")
+    if tensor.numel() and float(tensor.abs().max()) > max_abs:
+        raise ValidationError("absurd_magnitude", f"{name} has values beyond +-{max_abs:g}")
 
 
 def tensor_spec(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
