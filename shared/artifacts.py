@@ -132,6 +132,35 @@ def _eval_copy(model: SplitClassifier, state: Mapping[str, torch.Tensor]) -> Spl
 
 
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str]) -> bytes:
+    """The ONNX bytes of `module`. The graph of an architecture is exported once (seconds) and kept; later
+    exports of the same architecture copy it and write the new weights into its initializers (milliseconds).
+    The result is byte-identical to a fresh export (tests/test_artifacts.py checks it)."""
+    import onnx
+
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    key = (type(module).__qualname__, tuple(inputs), tuple(outputs),
+           tuple((a.dtype, tuple(a.shape)) for a in args),
+           tuple((k, v.dtype, tuple(v.shape)) for k, v in state.items()))
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = _fresh_export(module, args, inputs, outputs)
+        _TEMPLATES[key] = template
+    proto = onnx.ModelProto()
+    proto.CopyFrom(template)
+    for tensor in proto.graph.initializer:
+        if tensor.name in state:
+            value = state[tensor.name].contiguous().cpu().numpy()
+            if value.dtype.byteorder == ">":  # ONNX raw data is little-endian
+                value = value.astype(value.dtype.newbyteorder("<"))
+            tensor.raw_data = value.tobytes()
+    return proto.SerializeToString(deterministic=True)
+
+
+_TEMPLATES: dict[tuple, "onnx.ModelProto"] = {}
+
+
+def _fresh_export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str],
+                  outputs: list[str]) -> onnx.ModelProto:
     """torch.export-based ONNX export, not optimised (the onnxscript optimiser would fold BatchNorm into the
     convolutions and rename weights), with every batch dimension dynamic, normalised to be byte-stable."""
     batch = torch.export.Dim("N")
@@ -139,9 +168,14 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str]
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
                                     dynamic_shapes=dynamic, optimize=False, verbose=False, report=False)
+    from onnx import numpy_helper
+
     proto = program.model_proto
     _strip_metadata(proto)
-    return proto.SerializeToString(deterministic=True)
+    for tensor in proto.graph.initializer:  # every weight as raw bytes, the form the template path writes
+        if not tensor.HasField("raw_data"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    return proto
 
 
 @contextmanager

@@ -364,3 +364,28 @@ def test_model_state_delta_matches_manifest_hash() -> None:
     delta, canonical = make_delta(old, new)
     blob = encode_tensors(delta)
     assert state_sha256(apply_delta(old, decode_tensors(blob, tensor_spec(old)))) == state_sha256(canonical)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_template_export_equals_a_fresh_export(name):
+    """Exports after the first reuse the graph and swap the weights: the bytes must be what a fresh export
+    of those weights gives."""
+    from shared import artifacts
+
+    torch.manual_seed(1)
+    model = build_model(name, (1, 28, 28), 10)
+    artifacts.export_classifier_onnx(model, model.state_dict(), image_shape=(1, 28, 28))  # fills the cache
+    other = build_model(name, (1, 28, 28), 10)
+    state = {k: (v + torch.randn_like(v) if v.is_floating_point() else v) for k, v in other.state_dict().items()}
+    via_template = artifacts.export_classifier_onnx(model, state, image_shape=(1, 28, 28))
+    artifacts._TEMPLATES.clear()
+    fresh = artifacts.export_classifier_onnx(model, state, image_shape=(1, 28, 28))
+    assert via_template == fresh
+    generator = Generator(10, 32, 32).eval()
+    artifacts.export_generator_onnx(generator)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(1.0)
+    via_template = artifacts.export_generator_onnx(generator)
+    artifacts._TEMPLATES.clear()
+    assert via_template == artifacts.export_generator_onnx(generator)
