@@ -16,7 +16,6 @@ import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,32 @@ PAPER = {
 }
 
 
+COLORS = {"fedavg": ("tab:blue", "-"), "fedprox": ("tab:orange", "--"), "fedgen": ("tab:green", "-")}
+NOTES = """
+## Notes
+
+- **Targets.** FedGen beats FedAvg by at least 3 points in final-round accuracy at alpha 0.05 and 0.1 with full
+  sharing (met: +3.81 and +3.38, every seed above +2.9). With partial sharing at alpha 0.1 the aim was at least
+  5 points (the paper: 65.42 vs 58.39, top-5): **not met**, +4.59 (+4.53 to +4.63 on the three seeds). The
+  curves show where the gap goes: FedGen's partial-sharing accuracy is near its plateau (0.65) by round 60,
+  when it leads FedAvg by 8.6 points (13.9 at round 20); FedAvg keeps climbing slowly and narrows the gap to
+  4.6 by round 200.
+- **What was tried.** One configuration: the reference code's hyper-parameters with the decisions in
+  docs/algorithm.md, fixed before the runs. Nothing was tuned, on the test split or otherwise; a search for a
+  better partial-sharing setting (e.g. the generator term weights) would need a validation split that the
+  reference protocol does not have, and is left open.
+- **Against the paper.** Absolute numbers are higher than the published ones for every algorithm because local
+  data are shuffled here; the published Table 1 came from code that trained on label-sorted, unshuffled local
+  data, which hurts FedAvg most. With shuffling the authors re-ran MNIST alpha 0.1 and reported FedAvg
+  90.71 +- 1.17 vs FedGen 95.68 +- 0.20 (top-5); this run gives 93.33 +- 0.39 vs 96.61 +- 0.36. FedProx
+  (mu = 0.01) is indistinguishable from FedAvg here, as in the paper.
+- **Code.** The runs were made with the commit that first added this script (425bb53); later commits changed
+  the order in which the server feeds clients' predictors to the generator (sorted by id) and the ONNX export,
+  which change floating-point summation order, not the algorithm. Re-running the script reproduces the table
+  up to that noise. Per-run records (every round) are in `paper_table_runs/`.
+"""
+
+
 def cell_name(alpha: float, algo: str, partial: bool) -> str:
     return f"{algo}{'-partial' if partial else ''}-alpha{alpha:g}"
 
@@ -65,6 +90,19 @@ def run_one(job: tuple[float, str, bool, int, int, str, str]) -> str:
     print(f"{path.name}: final {run['final_accuracy']:.4f} top5 {run['top5_accuracy']:.4f} "
           f"({run['seconds']:.0f} s)", flush=True)
     return str(path)
+
+
+# What the project aims at (issue: FedGen core, section 4): FedGen - FedAvg in final-round accuracy, points.
+TARGETS = {(0.05, False): 3.0, (0.1, False): 3.0, (0.1, True): 5.0}
+
+
+def paired_differences(runs: dict[tuple, list[dict]], alpha: float, partial: bool) -> list[float]:
+    """100 * (FedGen - FedAvg) final accuracy for each seed both cells ran."""
+    def by_seed(algo: str) -> dict[int, float]:
+        return {r["config"]["seed"]: r["final_accuracy"] for r in runs.get((alpha, algo, partial), [])}
+
+    gen, avg = by_seed("fedgen"), by_seed("fedavg")
+    return [100 * (gen[s] - avg[s]) for s in sorted(set(gen) & set(avg))]
 
 
 def mean_std(values: list[float]) -> str:
@@ -109,15 +147,22 @@ def write_report(runs: dict[tuple, list[dict]], rounds: int, path: Path, machine
             f"{mean_std([r['final_accuracy'] for r in cell])} | {mean_std([r['top5_accuracy'] for r in cell])} | "
             f"{PAPER.get((alpha, algo, partial), '')} |"
         )
-    lines += ["", "## FedGen minus FedAvg (final-round accuracy, points, mean over seeds)", ""]
+    lines += ["", "## FedGen minus FedAvg, final-round accuracy (points)", "",
+              "Paired by seed (same partition, initialisation and selection for both algorithms).", "",
+              "| sharing | alpha | mean difference | per seed | target | met |", "|---|---|---|---|---|---|"]
     for alpha, partial in [(0.05, False), (0.1, False), (1.0, False), (0.1, True), (1.0, True)]:
-        gen, avg = runs.get((alpha, "fedgen", partial), []), runs.get((alpha, "fedavg", partial), [])
-        if gen and avg:
-            diff = 100 * (np.mean([r["final_accuracy"] for r in gen]) - np.mean([r["final_accuracy"] for r in avg]))
-            lines.append(f"- {'partial' if partial else 'full'}, alpha {alpha:g}: {diff:+.2f}")
+        diffs = paired_differences(runs, alpha, partial)
+        if diffs:
+            target = TARGETS.get((alpha, partial))
+            met = "" if target is None else ("yes" if np.mean(diffs) >= target else "**no**")
+            lines.append(f"| {'partial' if partial else 'full'} | {alpha:g} | {np.mean(diffs):+.2f} | "
+                         f"{', '.join(f'{d:+.2f}' for d in diffs)} | "
+                         f"{'' if target is None else f'>= +{target:g}'} | {met} |")
     seconds = [r["seconds"] for cell in runs.values() for r in cell]
     if seconds:
-        lines += ["", f"Wall time per run: {np.mean(seconds):.0f} s mean (one torch thread per run)."]
+        lines += ["", f"Wall time per run: {np.mean(seconds):.0f} s mean (one torch thread per run, with other "
+                  "work on the machine at the same time)."]
+    lines += NOTES.splitlines()
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -130,14 +175,14 @@ def plot(runs: dict[tuple, list[dict]], path: Path) -> None:
     panels = [(a, False) for a in (0.05, 0.1, 1.0)] + [(a, True) for a in (0.1, 1.0)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=False)
     for ax, (alpha, partial) in zip(axes, panels):
-        for algo in ("fedavg", "fedprox", "fedgen"):
+        for algo, (color, style) in COLORS.items():
             cell = runs.get((alpha, algo, partial))
             if not cell:
                 continue
             curves = np.array([[r["accuracy"] for r in run["rounds"]] for run in cell])
             mean, std = curves.mean(0), curves.std(0)
-            ax.plot(mean, label=algo, lw=1)
-            ax.fill_between(range(len(mean)), mean - std, mean + std, alpha=0.2)
+            ax.plot(mean, label=algo, lw=1, color=color, linestyle=style)
+            ax.fill_between(range(len(mean)), mean - std, mean + std, alpha=0.2, color=color)
         ax.set_title(f"{'partial' if partial else 'full'}, alpha={alpha:g}")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)

@@ -118,6 +118,12 @@ class EdgeClient:
             elif msg.topic == self.topics.round and msg.payload:
                 self.round = decode_round(msg.payload)
                 self.finished = self.round.status == "finished"
+                if self.finished and self.state.meta["pending"]:
+                    # the server closed every round: an unacknowledged update can no longer count anywhere
+                    log.warning("%s: job finished; dropping %d unacknowledged update(s)", self.opts.client_id,
+                                len(self.state.meta["pending"]))
+                    for key in list(self.state.meta["pending"]):
+                        self.state.acknowledged(key)
             elif msg.topic == self.topics.ack(self.opts.client_id):
                 ack = decode_ack(msg.payload)
                 if ack.idempotency_key in self.state.meta["pending"]:
@@ -156,8 +162,14 @@ class EdgeClient:
     def _prepare(self, manifest: Manifest) -> bool:
         """Load the data and build the model once the job's settings are known."""
         if self.model is None:
-            self.cfg = AlgorithmConfig.from_dict(manifest.algorithm)
-            self.model = build_model(self.cfg.model, tuple(manifest.image_shape), manifest.num_classes)
+            try:
+                self.cfg = AlgorithmConfig.from_dict(manifest.algorithm)
+                self.model = build_model(self.cfg.model, tuple(manifest.image_shape), manifest.num_classes)
+            except (TypeError, ValueError) as exc:
+                log.warning("%s: manifest of version %d has unusable settings (%s); waiting for another",
+                            self.opts.client_id, manifest.version, exc)
+                self.manifest, self.cfg = None, None
+                return False
         if self.data is None:
             if self.opts.partition is not None:
                 index = self.opts.partition.index if self.opts.partition.index is not None else self.partition_index
