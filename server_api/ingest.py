@@ -3,12 +3,26 @@ bad payload cheap to refuse: size, chunk framing, envelope, header, round/client
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from shared.protocol import Chunk, Reassembler, UpdateHeader, decode_chunk, decode_update
 from shared.wire import ValidationError, decode_tensors, sha256_hex
+
+CHUNK_TIMEOUT_ENV = "FEDGEN_CHUNK_TIMEOUT_S"  # seconds an incomplete chunk stream waits before chunk_missing
+DEFAULT_CHUNK_TIMEOUT = 120.0
+
+
+def default_chunk_timeout() -> float:
+    """$FEDGEN_CHUNK_TIMEOUT_S if it is a positive number, else 120 s."""
+    try:
+        value = float(os.environ.get(CHUNK_TIMEOUT_ENV, DEFAULT_CHUNK_TIMEOUT))
+    except ValueError:
+        return DEFAULT_CHUNK_TIMEOUT
+    return value if math.isfinite(value) and value > 0 else DEFAULT_CHUNK_TIMEOUT
 
 
 @dataclass
@@ -45,12 +59,13 @@ def reject(exc: ValidationError, header: UpdateHeader | None = None) -> Decision
 class UpdateValidator:
     """Stateless checks plus the chunk reassembler for one job."""
 
-    def __init__(self, job: str, num_classes: int, spec: dict, max_bytes: int, chunk_timeout: float = 120.0):
+    def __init__(self, job: str, num_classes: int, spec: dict, max_bytes: int, chunk_timeout: float | None = None):
         self.job = job
         self.num_classes = num_classes
         self.spec = spec
         self.max_bytes = max_bytes
-        self.reassembler = Reassembler(max_payload=max_bytes, timeout=chunk_timeout)
+        self.reassembler = Reassembler(max_payload=max_bytes, timeout=chunk_timeout if chunk_timeout is not None
+                                       else default_chunk_timeout())
 
     def reassemble(self, client: str, raw: bytes) -> bytes | None:
         """The complete envelope once its last chunk arrived; None while incomplete. Raises ValidationError."""

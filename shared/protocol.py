@@ -85,7 +85,7 @@ class Topics:
 
 
 def check_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):  # fullmatch: "$" would allow a final "\n"
         raise ValidationError("bad_id", f"{what} id {value!r} must match {ID_PATTERN.pattern}")
     return value
 
@@ -116,7 +116,7 @@ def parse_json_object(raw: bytes, what: str, max_bytes: int = MAX_HEADER_BYTES) 
         raise ValidationError("too_large", f"{what} of {len(raw)} bytes exceeds {max_bytes}")
     try:
         value = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: UnicodeDecodeError, JSONDecodeError, int too long
         raise ValidationError("bad_json", f"{what} is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(value, dict):
         raise ValidationError("bad_json", f"{what} must be a JSON object")
@@ -137,6 +137,16 @@ def _field(obj: Mapping, name: str, kind: type | tuple[type, ...], what: str) ->
     if not isinstance(value, kind):
         raise ValidationError("bad_field", f"{what}.{name} has type {type(value).__name__}")
     return value
+
+
+def _is_finite_number(value: object) -> bool:
+    """A JSON number (not a boolean) that is finite as a float (huge integers are not: float() overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _int(obj: Mapping, name: str, what: str, low: int = 0, high: int = 2**53) -> int:
@@ -176,12 +186,14 @@ def split_chunks(payload: bytes, stream: str, chunk_size: int = DEFAULT_CHUNK_SI
 
 
 def decode_chunk(data: bytes, max_payload: int, chunk_size_limit: int = 2 * 1024 * 1024) -> Chunk:
-    header, body = decode_frame(data, CHUNK_MAGIC, chunk_size_limit + MAX_HEADER_BYTES + 8)
+    header, body = decode_frame(data, CHUNK_MAGIC, min(chunk_size_limit, max_payload) + MAX_HEADER_BYTES + 8)
     stream = _field(header, "stream", str, "chunk")
     if not 1 <= len(stream) <= 128:
         raise ValidationError("bad_field", "chunk.stream must have 1..128 characters")
     count = _int(header, "count", "chunk", 1, MAX_CHUNKS)
     index = _int(header, "index", "chunk", 0, count - 1)
+    if isinstance(header.get("size"), int) and not isinstance(header["size"], bool) and header["size"] > max_payload:
+        raise ValidationError("too_large", f"chunked payload of {header['size']} bytes exceeds {max_payload}")
     size = _int(header, "size", "chunk", 0, max_payload)
     return Chunk(stream, index, count, size, _sha(header, "sha256", "chunk"), body)
 
@@ -288,7 +300,7 @@ def decode_update(data: bytes, num_classes: int, max_bytes: int) -> tuple[Update
     for name, value in metrics.items():
         if name not in METRIC_NAMES:
             raise ValidationError("bad_metric", f"unknown metric {name!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not _is_finite_number(value) or value < 0:
             raise ValidationError("bad_metric", f"metric {name} must be a finite number >= 0")
         clean_metrics[name] = float(value)
     if clean_metrics.get("test_correct", 0) > clean_metrics.get("test_count", 0):
@@ -301,7 +313,7 @@ def decode_update(data: bytes, num_classes: int, max_bytes: int) -> tuple[Update
         round=_int(raw, "round", what),
         attempt=_int(raw, "attempt", what, 0, 10_000),
         client=check_id(_field(raw, "client", str, what), "client"),
-        base_version=_int(raw, "base_version", what),
+        base_version=_int(raw, "base_version", what, 0, 2**31 - 1),  # stored in an INTEGER column
         num_samples=num_samples,
         label_counts=[int(c) for c in counts],
         idempotency_key=key,
@@ -361,17 +373,18 @@ def _artifact(obj: Mapping, name: str, optional: bool = False) -> ArtifactRef | 
 
 def decode_manifest(data: bytes) -> Manifest:
     raw = parse_json_object(data, "manifest", max_bytes=1024 * 1024)
-    if raw.get("protocol") != PROTOCOL_VERSION:
+    protocol = raw.get("protocol")
+    if type(protocol) is not int or protocol != PROTOCOL_VERSION:  # not True, not 1.0
         raise ValidationError("protocol_version", f"manifest protocol {raw.get('protocol')!r}, "
                                                   f"this client speaks {PROTOCOL_VERSION}")
     shape = _field(raw, "image_shape", list, "manifest")
-    if len(shape) != 3 or not all(isinstance(s, int) and 0 < s <= 4096 for s in shape):
+    if len(shape) != 3 or not all(type(s) is int and 0 < s <= 4096 for s in shape):
         raise ValidationError("bad_field", "manifest.image_shape must be 3 positive integers")
     prior = raw.get("label_prior")
     num_classes = _int(raw, "num_classes", "manifest", 2, 100_000)
     if prior is not None and (not isinstance(prior, list) or len(prior) != num_classes or not all(
-            isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0 for p in prior)):
-        raise ValidationError("bad_field", "manifest.label_prior must be num_classes numbers >= 0")
+            _is_finite_number(p) and p >= 0 for p in prior)):
+        raise ValidationError("bad_field", "manifest.label_prior must be num_classes finite numbers >= 0")
     base = raw.get("delta_base_version")
     return Manifest(
         job=check_id(_field(raw, "job", str, "manifest"), "job"),
@@ -415,7 +428,7 @@ def decode_round(data: bytes) -> RoundAnnouncement:
     if status not in ("open", "closed", "finished"):
         raise ValidationError("bad_field", f"round.status {status!r}")
     deadline = _field(raw, "deadline", (int, float), "round")
-    if not math.isfinite(deadline):
+    if not _is_finite_number(deadline):
         raise ValidationError("bad_field", "round.deadline must be finite")
     return RoundAnnouncement(
         job=check_id(_field(raw, "job", str, "round"), "job"),
@@ -478,7 +491,15 @@ def decode_presence(data: bytes) -> Presence:
     n, v = raw.get("num_samples"), raw.get("version")
     return Presence(status, n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None,
                     v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None,
-                    {str(k)[:64]: str(val)[:256] for k, val in list(device.items())[:32]})
+                    {str(k)[:64]: _short_text(val, 256) for k, val in list(device.items())[:32]})
+
+
+def _short_text(value: object, limit: int) -> str:
+    """A device-info value as text, whatever JSON it was (str() of deeply nested lists may recurse too far)."""
+    try:
+        return str(value)[:limit]
+    except (RecursionError, ValueError):
+        return "<unreadable>"
 
 
 @dataclass
