@@ -19,15 +19,36 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server_api.db import (Artifact, Client, ClientStatus, ClientUpdate, Job, JobStatus, ModelVersion, Round,
-                           RoundStatus, UpdateStatus, in_transaction, utcnow)
+from server_api.db import (
+    Artifact,
+    Client,
+    ClientStatus,
+    ClientUpdate,
+    Job,
+    JobStatus,
+    ModelVersion,
+    Round,
+    RoundStatus,
+    UpdateStatus,
+    in_transaction,
+    utcnow,
+)
 from server_api.ingest import Decision, RoundWindow, UpdateValidator, garbage_key
 from server_api.job_runtime import JobRuntime, JobSettings, VersionArtifacts
 from server_api.store import ArtifactStore
 from shared.aggregate import select_clients
 from shared.mqtt import Message, MqttLink
-from shared.protocol import (Ack, ArtifactRef, Assignment, Manifest, Presence, RoundAnnouncement, Topics,
-                             decode_presence, split_chunks)
+from shared.protocol import (
+    Ack,
+    ArtifactRef,
+    Assignment,
+    Manifest,
+    Presence,
+    RoundAnnouncement,
+    Topics,
+    decode_presence,
+    split_chunks,
+)
 from shared.wire import ValidationError, decode_tensors
 
 log = logging.getLogger("fedgen.server")
@@ -53,6 +74,10 @@ class ServerContext:
         return result
 
 
+class Stopping(Exception):
+    """The worker was asked to stop while it waited for something (the broker)."""
+
+
 @dataclass
 class OpenRound:
     row_id: int
@@ -74,6 +99,7 @@ class JobWorker(threading.Thread):
         self.topics = Topics(job_id)
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.stopping = threading.Event()
+        self.finished = threading.Event()  # the job is done; the thread only answers late messages
         self.online: dict[str, Presence] = {}
         self.settings: JobSettings | None = None
         self.runtime: JobRuntime | None = None
@@ -85,6 +111,8 @@ class JobWorker(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
+        except Stopping:  # the server stops while the broker is away: the next start publishes again
+            log.info("job %s: stopped while waiting for the broker", self.job_id)
         except Exception as exc:  # record why the job stopped; the server keeps serving other jobs
             log.exception("job %s failed", self.job_id)
             self._set_job(status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
@@ -108,6 +136,7 @@ class JobWorker(threading.Thread):
             current = self.ctx.tx(lambda s: s.get(Job, self.job_id).current_round)
             if current >= self.settings.rounds:
                 self._finish()
+                self._answer_until_stopped()
                 return
             self.open = self._resume_round(current) or self._open_round(current)
             if self.open is None:
@@ -115,6 +144,14 @@ class JobWorker(threading.Thread):
             self._collect()
             if not self.stopping.is_set():
                 self._close_round()
+
+    def _answer_until_stopped(self) -> None:
+        """After the last round: a client whose ack was lost (broker restart, server crash between storing
+        and acking) keeps re-sending its update; keep answering it (`duplicate` for an update already
+        counted, `rejected` otherwise) and recording presence, so that it can stop, until the server stops."""
+        self.finished.set()
+        while not self.stopping.is_set():
+            self._wait_for_messages(0.5)
 
     # ------------------------------------------------------------------------------------------ versions
     def _restore_runtime(self) -> JobRuntime:
@@ -169,16 +206,31 @@ class JobWorker(threading.Thread):
             delta_base_version=row.delta_base_version,
             label_prior=[float(p) for p in self.runtime.global_state.prior.probabilities()],
             chunk_size=s.chunk_size)
-        self.ctx.link.publish(self.topics.manifest, manifest.to_json(), retain=True, wait=60)
+        self._publish_confirmed(self.topics.manifest, manifest.to_json())
         self._clear_version(version - 1, keep={r.sha256 for r in refs.values() if r})
 
     def _publish_artifact(self, sha: str) -> ArtifactRef:
         blob = self.ctx.store.get(sha)
         chunks = split_chunks(blob, stream=sha, chunk_size=self.settings.chunk_size)
         for i, chunk in enumerate(chunks):
-            if not self.ctx.link.publish(self.topics.artifact_chunk(sha, i), chunk, retain=True, wait=60):
-                raise ConnectionError(f"broker did not acknowledge artifact {sha[:12]} chunk {i}")
+            self._publish_confirmed(self.topics.artifact_chunk(sha, i), chunk)
         return ArtifactRef(sha256=sha, size=len(blob), chunks=len(chunks))
+
+    def _publish_confirmed(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        """Publish and wait until the broker acknowledged it, however long the broker is away (a restart must
+        not fail the job); every 30 s without an acknowledgement it is published again (these are retained
+        messages: a repeat is harmless). Raises Stopping when the server stops meanwhile."""
+        started = reported = time.monotonic()
+        while not self.stopping.is_set():
+            if self.ctx.link.publish(topic, payload, retain=retain, wait=30):
+                return
+            if time.monotonic() - reported > 30:
+                reported = time.monotonic()
+                log.warning("job %s: broker has not acknowledged %s for %.0f s; still trying", self.job_id,
+                            topic, reported - started)
+            self.ctx.link.connected.wait(1.0)
+            time.sleep(0.1)
+        raise Stopping()
 
     def _clear_version(self, version: int, keep: set[str]) -> None:
         if version < 0:
@@ -246,7 +298,7 @@ class JobWorker(threading.Thread):
     def _announce(self, window: RoundWindow, status: str = "open") -> None:
         ann = RoundAnnouncement(job=self.job_id, round=window.index, attempt=window.attempt, version=window.version,
                                 selected=sorted(window.selected), deadline=window.deadline, status=status)
-        self.ctx.link.publish(self.topics.round, ann.to_json(), retain=True, wait=30)
+        self._publish_confirmed(self.topics.round, ann.to_json())
 
     def _collect(self) -> None:
         """Handle messages until every selected client has an accepted update or the deadline passes."""
@@ -423,8 +475,9 @@ class JobWorker(threading.Thread):
             ClientUpdate.job_id == self.job_id, ClientUpdate.idempotency_key == key)).first())
         if previous is not None:  # a redelivery or a retry: answer as before, count nothing
             status = "duplicate" if previous.status == UpdateStatus.ACCEPTED else "rejected"
+            code = previous.reason.split(":", 1)[0] if previous.reason else None  # the code, as the first ack
             self._ack(client, Ack(key, status, decision.header.round if decision.header else None,
-                                  previous.reason, "already received"))
+                                  code, f"already received ({previous.reason})"[:500] if code else "already received"))
             return
         if decision.status == "accepted":
             self._accept(client, decision, len(envelope))
@@ -456,7 +509,12 @@ class JobWorker(threading.Thread):
     def _record_rejection(self, client: str, key: str, reason: str, message: str, header=None,  # noqa: ANN001
                           size: int = 0) -> None:
         log.warning("job %s: update from %s rejected (%s): %s", self.job_id, client, reason, message)
-        round_id = self.open.row_id if self.open else self._latest_round_id()
+        key = key[:128]  # look up the key as stored (a 128-character stream + "-incomplete" is longer)
+        # recorded against the round it was sent for when that round exists (a late update belongs to the
+        # round it missed, not to the one open now), else the open / latest round
+        round_id = self._round_id(header.round, header.attempt) if header else None
+        if round_id is None:
+            round_id = self.open.row_id if self.open else self._latest_round_id()
         if round_id is not None:
             def write(session: Session) -> None:
                 if session.scalars(select(ClientUpdate).where(ClientUpdate.job_id == self.job_id,
@@ -469,8 +527,17 @@ class JobWorker(threading.Thread):
                     label_counts=header.label_counts if header else [], metrics=header.metrics if header else {},
                     status=UpdateStatus.REJECTED, reason=f"{reason}: {message}"[:2000], payload_bytes=size))
 
-            self.ctx.tx(write)
+            try:
+                self.ctx.tx(write)
+            except Exception:  # noqa: BLE001 - recording a bad upload must never stop the job
+                log.exception("job %s: could not record the rejected update %s", self.job_id, key)
         self._ack(client, Ack(key, "rejected", header.round if header else None, reason, message[:500]))
+
+    def _round_id(self, index: int, attempt: int) -> int | None:
+        if self.open and (self.open.window.index, self.open.window.attempt) == (index, attempt):
+            return self.open.row_id
+        return self.ctx.tx(lambda s: s.scalar(select(Round.id).where(
+            Round.job_id == self.job_id, Round.index == index, Round.attempt == attempt)))
 
     def _latest_round_id(self) -> int | None:
         return self.ctx.tx(lambda s: s.scalar(select(func.max(Round.id)).where(Round.job_id == self.job_id)))

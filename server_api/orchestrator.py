@@ -58,7 +58,7 @@ class Orchestrator:
 
     def status(self) -> dict:
         with self._lock:
-            running = sum(1 for w in self.workers.values() if w.is_alive())
+            running = sum(1 for w in self.workers.values() if w.is_alive() and not w.finished.is_set())
         return {"broker": "connected" if self.ctx.link.connected.is_set() else "disconnected",
                 "jobs_running": running,
                 "database": "ok" if self.ctx.db_healthy.is_set() else "retrying"}

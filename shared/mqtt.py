@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,25 @@ from urllib.parse import urlparse
 import paho.mqtt.client as paho
 
 log = logging.getLogger("fedgen.mqtt")
+FAILURE_LOG_INTERVAL_S = 60.0  # the same connection failure is logged at most once per interval
+
+
+def describe_connect_error(exc: BaseException | None, tls: bool) -> str:
+    """A one-line, operator-facing reason why a connection attempt failed (no traceback)."""
+    if exc is None:
+        return "connection failed (no details from paho)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or str(exc)
+        return (f"TLS error: the broker's certificate was not accepted ({detail}); is the CA file "
+                "(--tls-ca / FEDGEN_BROKER_TLS_CA) the one that signed the broker's certificate, and does the "
+                "host name match it?")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc} (is the port the broker's TLS listener?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the broker running and is the port right?)"
+    if isinstance(exc, (TimeoutError, ConnectionResetError)) and tls:
+        return f"{type(exc).__name__}: {exc} (during the TLS handshake?)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,8 @@ class MqttLink:
         self._lock = threading.Lock()
         self._keepalive = keepalive
         self.last_error: str | None = None
+        self._failures = 0  # failed attempts since the last successful connection
+        self._reported: tuple[str, float] | None = None  # last failure logged and when (rate limit)
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                              protocol=paho.MQTTv311)
         client.max_queued_messages_set(0)  # unbounded: QoS 1 publishes made while offline are never dropped
@@ -66,13 +88,18 @@ class MqttLink:
         client.reconnect_delay_set(min_delay=1, max_delay=15)
         if username:
             client.username_pw_set(username, password)
-        if self.address.tls or tls_ca:
+        self._tls = bool(self.address.tls or tls_ca)
+        if self._tls:
             client.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        self._acks = threading.Condition()
+        self._acked: dict[int, float] = {}  # message id -> when its PUBACK arrived (at most 65535 entries)
         self._client = client
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -118,29 +145,58 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, wait: float | None = None) -> bool:
         """Publish at QoS 1. With `wait`, block until the broker acknowledged it (True) or the time ran out."""
+        started = time.monotonic()
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if wait is None:
             return True
-        deadline = time.monotonic() + wait
-        while not info.is_published():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
+        # paho re-sends a message queued while disconnected after reconnecting, under the same message id;
+        # its PUBACK (on_publish) is what counts. Ids wrap at 65535, so only an ack newer than this call counts.
+        deadline = started + wait
+        with self._acks:
+            while self._acked.get(info.mid, -1.0) < started:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._acks.wait(remaining)
         return True
 
     def clear_retained(self, topic: str) -> None:
         self._client.publish(topic, b"", qos=1, retain=True)
 
     # ------------------------------------------------------------------------------------------ callbacks
+    def _report_failure(self, reason: str) -> None:
+        """Log a failed connection attempt: a new reason at once, the same one again at most once per
+        FAILURE_LOG_INTERVAL_S (paho retries every 1..15 s, forever), so a misconfigured device logs a clear
+        line, not a flood."""
+        self._failures += 1
+        self.last_error = reason
+        now = time.monotonic()
+        if self._reported is not None and self._reported[0] == reason \
+                and now - self._reported[1] < FAILURE_LOG_INTERVAL_S:
+            return
+        self._reported = (reason, now)
+        log.error("%s: cannot connect to %s:%d: %s (attempt %d; retrying)", self.client_id, self.address.host,
+                  self.address.port, reason, self._failures)
+
+    def _handle_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+        # paho calls this from inside its `except OSError:` around the connection attempt (socket, TLS
+        # handshake), so the exception is the one being handled; paho itself does not pass it on.
+        self._report_failure(describe_connect_error(sys.exc_info()[1], self._tls))
+
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
-            self.last_error = f"broker refused the connection: {reason_code}"
-            log.warning("%s: %s", self.client_id, self.last_error)
+            hint = ""
+            if reason_code.value in (0x84, 0x86, 0x87, 4, 5):  # bad user name or password / not authorized
+                hint = " (wrong or missing username/password? the broker may not accept anonymous clients)"
+            self._report_failure(f"broker refused the connection: {reason_code}{hint}")
             return
         with self._lock:
             topics = sorted(self._subscriptions)
         for topic in topics:
             client.subscribe(topic, qos=1)
+        if self._failures:
+            log.info("%s: connected after %d failed attempt(s)", self.client_id, self._failures)
+        self._failures, self._reported = 0, None
         self.last_error = None
         self.connected.set()
         log.info("%s connected to %s:%d (session present: %s)", self.client_id, self.address.host,
@@ -155,6 +211,11 @@ class MqttLink:
         if self.connected.is_set():
             log.warning("%s disconnected from the broker (%s); reconnecting", self.client_id, reason_code)
         self.connected.clear()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+        with self._acks:
+            self._acked[mid] = time.monotonic()
+            self._acks.notify_all()
 
     def _handle_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
