@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help=f"dataset folder for --partition (default ${DATA_DIR_ENV})")
     p.add_argument("--state-dir", default=None, help="where the device keeps its state (default ./edge-state/ID)")
     p.add_argument("--username", default=None)
-    p.add_argument("--password", default=None, help="MQTT password (or set FEDGEN_MQTT_PASSWORD)")
+    p.add_argument("--password", default=None, help="MQTT password; prefer the environment variable "
+                   "FEDGEN_MQTT_PASSWORD (a command line is visible to other users of the device)")
     p.add_argument("--tls-ca", default=None, help="CA certificate to verify the broker's TLS certificate")
     p.add_argument("--retry", type=float, default=10.0, help="seconds between re-sends of an unacknowledged update")
     p.add_argument("--keep-running", action="store_true", help="stay connected after the job finished")
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         check_id(args.client_id, "client")
         check_id(args.job, "job")
         partition = PartitionSpec.parse(args.partition) if args.partition else None
+        if args.tls_ca and not os.path.isfile(args.tls_ca):
+            raise ValueError(f"--tls-ca {args.tls_ca}: no such file")
+        if args.password and not args.username:
+            raise ValueError("--password needs --username")
     except (ValueError, ValidationError) as exc:
         print(f"edge-client: error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import queue
 import time
@@ -21,9 +22,21 @@ from shared.federation import client_start_state
 from shared.local import evaluate, local_update, round_seed
 from shared.models import SplitClassifier, build_model, shared_keys
 from shared.mqtt import Message, MqttLink
-from shared.protocol import (Manifest, Presence, Reassembler, RoundAnnouncement, Topics, UpdateHeader,
-                             decode_ack, decode_assignment, decode_chunk, decode_manifest, decode_round,
-                             encode_update, split_chunks)
+from shared.protocol import (
+    Manifest,
+    Presence,
+    Reassembler,
+    RoundAnnouncement,
+    Topics,
+    UpdateHeader,
+    decode_ack,
+    decode_assignment,
+    decode_chunk,
+    decode_manifest,
+    decode_round,
+    encode_update,
+    split_chunks,
+)
 from shared.wire import ValidationError, decode_tensors, encode_tensors, sha256_hex, tensor_spec
 
 log = logging.getLogger("fedgen.edge")
@@ -198,6 +211,14 @@ class EdgeClient:
                            test_loss=check.loss_sum / max(1, check.count))
         if cfg.partial:
             self.state.save_tensors("own", result.state)
+        if not all(torch.isfinite(t).all() for t in result.upload.values()):
+            # e.g. a global model wrecked by poisoned updates: the server would refuse it (non_finite)
+            log.warning("%s: training in round %d gave non-finite weights; not uploading", self.opts.client_id,
+                        ann.round)
+            self.state.meta["done"] = (self.state.meta["done"] + [round_key])[-1000:]
+            self.state.save_meta()
+            return
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         blob = encode_tensors(result.upload)
         header = UpdateHeader(job=self.opts.job, round=ann.round, attempt=ann.attempt, client=self.opts.client_id,
                               base_version=manifest.version, num_samples=result.num_samples,

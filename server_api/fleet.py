@@ -19,8 +19,11 @@ from pathlib import Path
 
 from server_api.broker_process import find_free_port, start_broker
 from server_api.main import dump_json, job_summary
+from server_api.settings import mask_url_password
 
 log = logging.getLogger("fedgen.fleet")
+# FleetConfig fields left out of run.json: paths and secrets
+_NOT_IN_SUMMARY = frozenset({"workdir", "extra_client_args", "broker_password", "client_passwords"})
 REPO_BROKER_CONFIG = Path(__file__).resolve().parents[1] / "broker" / "mosquitto" / "dev.conf"
 
 
@@ -46,6 +49,17 @@ class FleetConfig:
     keep_serving: bool = False
     progress: bool = True
     extra_client_args: dict[int, list[str]] = field(default_factory=dict)
+    # A secured broker (docs/broker.md, "Running a secured fleet"). The server logs in as broker_username with
+    # broker_password (FEDGEN_BROKER_USERNAME/PASSWORD); client <index> logs in as its client id "c<index>"
+    # with client_passwords[index] (--username, and FEDGEN_MQTT_PASSWORD, never the command line); both verify
+    # the broker's TLS certificate with broker_tls_ca (FEDGEN_BROKER_TLS_CA / --tls-ca) on an mqtts:// URL.
+    # server_broker_url: the server's own URL when it differs from the devices' broker_url (e.g. the
+    # loopback plain listener of prod.conf while devices use TLS).
+    server_broker_url: str | None = None
+    broker_username: str | None = None
+    broker_password: str | None = field(default=None, repr=False)
+    broker_tls_ca: str | None = None
+    client_passwords: dict[int, str] = field(default_factory=dict, repr=False)
 
     @property
     def active_clients(self) -> int:
@@ -95,6 +109,13 @@ class Fleet:
                "FEDGEN_DATABASE_URL": self.cfg.db_url or f"sqlite:///{self.workdir / 'fedgen.db'}",
                "FEDGEN_BROKER_URL": self.broker_url, "FEDGEN_ARTIFACT_DIR": str(self.workdir / "artifacts"),
                "FEDGEN_HOST": "127.0.0.1", "FEDGEN_PORT": str(self.port)}
+        if self.cfg.server_broker_url:
+            env["FEDGEN_BROKER_URL"] = self.cfg.server_broker_url
+        for name, value in (("FEDGEN_BROKER_USERNAME", self.cfg.broker_username),
+                            ("FEDGEN_BROKER_PASSWORD", self.cfg.broker_password),
+                            ("FEDGEN_BROKER_TLS_CA", self.cfg.broker_tls_ca)):
+            if value:
+                env[name] = str(value)
         if self.cfg.data_dir:
             env["FEDGEN_DATA_DIR"] = self.cfg.data_dir
         log_file = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - lives as long as the process
@@ -105,12 +126,18 @@ class Fleet:
     def start_client(self, index: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "edge_client.cli", "--broker", self.broker_url, "--job", self.job_id,
                "--client-id", f"c{index}", "--partition", self.cfg.partition_spec(index),
-               "--state-dir", str(self.workdir / "edge" / f"c{index}"), "-v",
-               *self.cfg.extra_client_args.get(index, [])]
+               "--state-dir", str(self.workdir / "edge" / f"c{index}"), "-v"]
         if self.cfg.data_dir:
             cmd += ["--data-dir", self.cfg.data_dir]
+        env = dict(os.environ)
+        if self.cfg.broker_tls_ca:
+            cmd += ["--tls-ca", str(self.cfg.broker_tls_ca)]
+        if index in self.cfg.client_passwords:
+            cmd += ["--username", f"c{index}"]
+            env["FEDGEN_MQTT_PASSWORD"] = self.cfg.client_passwords[index]
+        cmd += self.cfg.extra_client_args.get(index, [])  # last: may override the options above
         log_file = open(self.workdir / f"edge-c{index}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         self.clients[index] = proc
         return proc
 
@@ -181,8 +208,10 @@ class Fleet:
                     print(f"round {r['index']:>3}.{r['attempt']} {r['status']:<6} updates {r['num_updates']:>3}"
                           f"  accuracy {acc}  up {r['bytes_up']:>9,} B  down {r['bytes_down']:>10,} B", flush=True)
             if job["status"] in ("finished", "failed"):
-                summary = job_summary(rounds, {"fleet": {k: v for k, v in self.cfg.__dict__.items()
-                                                         if k not in ("workdir", "extra_client_args")},
+                fleet_cfg = {k: v for k, v in self.cfg.__dict__.items() if k not in _NOT_IN_SUMMARY}
+                if fleet_cfg.get("db_url"):
+                    fleet_cfg["db_url"] = mask_url_password(fleet_cfg["db_url"])
+                summary = job_summary(rounds, {"fleet": fleet_cfg,
                                                "job": self.cfg.job_config()})
                 summary["job_status"] = job["status"]
                 return summary
