@@ -22,8 +22,8 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from server_api.db.engine import database_url, make_engine
-from server_api.db.models import Base, UTCDateTime
+from server_api.db.engine import database_url, make_engine  # noqa: E402 (after the sys.path line above)
+from server_api.db.models import Base, UTCDateTime  # noqa: E402
 
 config = context.config
 if config.config_file_name is not None:

@@ -290,7 +290,8 @@ def derive_mosquitto_config(config: Path, workdir: Path, host: str = DEFAULT_HOS
         raise BrokerStartError(f"{config}: no 'listener' line; the project configs must declare one")
     if tls is not None and not any(b.is_tls for b in listeners):
         raise BrokerStartError(f"{config}: TLS files given but the config has no TLS listener")
-    out = [f"# Derived from {config.resolve()} by server_api/broker_process.py -- do not edit", *_global_lines(glob, base)]
+    out = [f"# Derived from {config.resolve()} by server_api/broker_process.py -- do not edit",
+           *_global_lines(glob, base)]
     out += _auth_lines(glob, base, password_file, acl_file)
     out += [f"persistence_location {workdir.resolve()}/", "log_dest stderr"]
     if (user := _run_as_user()) is not None:

@@ -12,17 +12,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
 
 from shared.aggregate import AGGREGATIONS
-from shared.artifacts import (export_classifier_onnx, export_generator_onnx, export_predictor_onnx, make_delta,
-                              state_sha256)
+from shared.artifacts import (
+    export_classifier_onnx,
+    export_generator_onnx,
+    export_predictor_onnx,
+    make_delta,
+    state_sha256,
+)
 from shared.config import AlgorithmConfig
 from shared.data import dataset_info, load_dataset
 from shared.federation import GlobalState, RoundAccumulator
 from shared.local import EvalResult, evaluate
 from shared.partition import PartitionConfig, partition
-from safetensors.torch import load as load_tensors
-
 from shared.wire import encode_tensors, tensor_spec
 
 

@@ -156,7 +156,7 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str]
     return proto.SerializeToString(deterministic=True)
 
 
-_TEMPLATES: dict[tuple, "onnx.ModelProto"] = {}
+_TEMPLATES: dict[tuple, onnx.ModelProto] = {}
 
 
 def _fresh_export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str],

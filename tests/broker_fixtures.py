@@ -42,7 +42,8 @@ class ConnectRefused(ConnectionError):
     """The broker answered CONNACK with a failure; ``reason_code`` is paho's ReasonCode."""
 
     def __init__(self, client_id: str, reason_code: Any) -> None:
-        super().__init__(f"{client_id}: CONNACK refused: {reason_code} (value {getattr(reason_code, 'value', reason_code)})")
+        value = getattr(reason_code, "value", reason_code)
+        super().__init__(f"{client_id}: CONNACK refused: {reason_code} (value {value})")
         self.reason_code = reason_code
 
 
@@ -203,7 +204,8 @@ class ProdBroker:
         return self.broker.url
 
 
-def run_create_users(password_file: Path, acl_file: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_create_users(password_file: Path, acl_file: Path, *args: str,
+                     stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``broker/create_users.py`` as the operator would."""
     argv = [sys.executable, str(BROKER_DIR / "create_users.py"), "--password-file", str(password_file),
             "--acl-file", str(acl_file), *args]

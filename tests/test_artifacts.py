@@ -318,7 +318,8 @@ def state_pairs(draw) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
     for i, shape in enumerate(shapes):
         base = np.asarray(rng.uniform(-1, 1, size=shape), dtype=np.float32)
         old[f"layer{i}.weight"] = torch.from_numpy(base)
-        new[f"layer{i}.weight"] = torch.from_numpy(np.asarray(base + scale * rng.standard_normal(shape), dtype=np.float32))
+        values = np.asarray(base + scale * rng.standard_normal(shape), dtype=np.float32)
+        new[f"layer{i}.weight"] = torch.from_numpy(values)
     return old, new
 
 

@@ -153,7 +153,8 @@ def test_device_cannot_write_server_topics(mosquitto_prod: ProdBroker, mqtt_clie
     _assert_control_then_absent(server, f"{JOB}/clients/dev-a/presence", [topic])
 
 
-def test_server_writes_round_manifest_artifacts_devices_read(mosquitto_prod: ProdBroker, mqtt_clients: MakeClient) -> None:
+def test_server_writes_round_manifest_artifacts_devices_read(mosquitto_prod: ProdBroker,
+                                                             mqtt_clients: MakeClient) -> None:
     server = _server(mosquitto_prod, mqtt_clients, "writer")
     topics = [f"{JOB}/round", f"{JOB}/manifest", f"{JOB}/artifacts/deadbeef/0"]
     for topic in topics:

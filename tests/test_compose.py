@@ -284,7 +284,7 @@ def test_bind_mounts_exist_and_are_relative(compose):
 def test_named_volumes_are_declared(compose):
     declared = set(compose.get("volumes") or {})
     for name, service in _services(compose).items():
-        for source, target, _ in volumes_of(service):
+        for source, _target, _ in volumes_of(service):
             if source is not None and not is_bind_source(source):
                 assert source in declared, f"{name}: volume {source} is not declared at the top level"
 

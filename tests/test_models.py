@@ -3,8 +3,7 @@
 import torch
 
 from shared.distill import diversity_loss
-from shared.models import (Generator, build_model, count_parameters, predictor_params, shared_keys,
-                           split_state)
+from shared.models import Generator, build_model, count_parameters, predictor_params, shared_keys, split_state
 
 
 def test_reference_cnn_size_and_split():

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 from shared.data import load_dataset
-from shared.partition import (PartitionConfig, PartitionError, dirichlet_split, format_histogram,
-                              label_histogram, partition, plot_histogram, split_test_sets)
+from shared.partition import (
+    PartitionConfig,
+    PartitionError,
+    dirichlet_split,
+    format_histogram,
+    label_histogram,
+    partition,
+    plot_histogram,
+    split_test_sets,
+)
 
 
 @pytest.fixture(scope="module")
