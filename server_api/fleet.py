@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server_api.broker_process import find_free_port, start_broker
-from server_api.main import dump_json, job_summary
 from server_api.settings import mask_url_password
 
 log = logging.getLogger("fedgen.fleet")
@@ -80,6 +79,20 @@ class FleetConfig:
     def partition_spec(self, index: int) -> str:
         spc = "all" if self.samples_per_class is None else self.samples_per_class
         return f"{self.dataset}:alpha={self.alpha:g}:users={self.clients}:index={index}:spc={spc}:seed={self.seed}"
+
+
+def job_summary(rounds: list[dict], config: dict) -> dict:
+    """run.json (the schema of `fedgen simulate`) from the REST API's round list."""
+    closed = sorted((r for r in rounds if r["status"] == "closed"), key=lambda r: r["index"])
+    records = [{"round": r["index"], "accuracy": r["accuracy"], "loss": r["loss"], "bytes_up": r["bytes_up"],
+                "bytes_down": r["bytes_down"], "generator_loss": r.get("generator_loss"),
+                "num_updates": r["num_updates"], "attempt": r["attempt"]} for r in closed]
+    accuracies = [r["accuracy"] for r in records if r["accuracy"] is not None]
+    top5 = sorted(accuracies, reverse=True)[:5]
+    return {"config": config, "rounds": records,
+            "final_accuracy": accuracies[-1] if accuracies else None,
+            "top5_accuracy": sum(top5) / len(top5) if top5 else None,
+            "failed_rounds": sum(1 for r in rounds if r["status"] == "failed")}
 
 
 class Fleet:
@@ -191,7 +204,7 @@ class Fleet:
             self.start_client(index)
         summary = self.wait(timeout)
         if out is not None:
-            dump_json(summary, out)
+            Path(out).write_text(json.dumps(summary, indent=1))
         return summary
 
     def wait(self, timeout: float | None = None) -> dict:

@@ -6,7 +6,6 @@ is saved as one safetensors blob, so a restarted server continues bit-for-bit wh
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +13,6 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 
-from shared.aggregate import AGGREGATIONS
 from shared.artifacts import (
     export_classifier_onnx,
     export_generator_onnx,
@@ -49,27 +47,16 @@ class JobSettings:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> JobSettings:
-        active = int(config.get("active", 10))
-        settings = cls(
-            dataset=str(config.get("dataset", "mnist-subset")),
-            rounds=int(config.get("rounds", 20)),
-            active=active,
-            min_clients=int(config.get("min_clients") or math.ceil(active / 2)),
-            min_online=config.get("min_online"),
-            round_timeout_s=float(config.get("round_timeout_s", 120)),
-            seed=int(config.get("seed", 0)),
-            algorithm=AlgorithmConfig.from_dict(dict(config.get("algorithm") or {})),
-            aggregation=str(config.get("aggregation", "mean")),
-            trim_ratio=float(config.get("trim_ratio", 0.1)),
-            chunk_size=int(config.get("chunk_size", 256 * 1024)),
-            server_eval=config.get("server_eval"),
-        )
-        if settings.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {settings.aggregation!r}")
-        if not 1 <= settings.min_clients <= settings.active:
-            raise ValueError("min_clients must be between 1 and active")
-        dataset_info(settings.dataset)
-        return settings
+        """From a job's stored config (or a POST /jobs body), validated and completed by the API's JobConfig,
+        the one place that knows the defaults."""
+        from server_api.schemas import JobConfig
+
+        job = JobConfig.model_validate({**config, "id": config.get("id", "job")})
+        return cls(dataset=job.dataset, rounds=job.rounds, active=job.active, min_clients=job.min_clients,
+                   min_online=job.min_online, round_timeout_s=float(job.round_timeout_s), seed=job.seed,
+                   algorithm=job.algorithm_config, aggregation=job.aggregation, trim_ratio=job.trim_ratio,
+                   chunk_size=job.chunk_size,
+                   server_eval=job.server_eval.model_dump() if job.server_eval is not None else None)
 
 
 @dataclass

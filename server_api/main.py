@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -66,21 +65,3 @@ def run_server(settings: ServerSettings, job_file: Path | None = None, client_id
     finally:
         orchestrator.stop()
         link.stop()
-
-
-def job_summary(rounds: list[dict], config: dict) -> dict:
-    """run.json (the schema of `fedgen simulate`) from the REST API's round list."""
-    closed = sorted((r for r in rounds if r["status"] == "closed"), key=lambda r: r["index"])
-    records = [{"round": r["index"], "accuracy": r["accuracy"], "loss": r["loss"], "bytes_up": r["bytes_up"],
-                "bytes_down": r["bytes_down"], "generator_loss": r.get("generator_loss"),
-                "num_updates": r["num_updates"], "attempt": r["attempt"]} for r in closed]
-    accuracies = [r["accuracy"] for r in records if r["accuracy"] is not None]
-    top5 = sorted(accuracies, reverse=True)[:5]
-    return {"config": config, "rounds": records,
-            "final_accuracy": accuracies[-1] if accuracies else None,
-            "top5_accuracy": sum(top5) / len(top5) if top5 else None,
-            "failed_rounds": sum(1 for r in rounds if r["status"] == "failed")}
-
-
-def dump_json(data: dict, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=1))
