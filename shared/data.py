@@ -30,7 +30,7 @@ IDX_FILES = {
 }
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """A dataset is missing, malformed or does not match what was asked for."""
 
 
