@@ -60,18 +60,8 @@ def chaos_config(**overrides) -> FleetConfig:
 
 
 @pytest.fixture
-def fleet_factory(mosquitto_dev, tmp_path) -> Iterator[Callable[..., Fleet]]:  # noqa: ANN001
-    made: list[Fleet] = []
-
-    def make(**overrides) -> Fleet:  # noqa: ANN003
-        fleet = Fleet(chaos_config(broker_url=mosquitto_dev.url, workdir=tmp_path / f"fleet{len(made)}",
-                                   **overrides))
-        made.append(fleet)
-        return fleet
-
-    yield make
-    for fleet in made:
-        fleet.stop()
+def fleet_factory(fleet_maker) -> Callable[..., Fleet]:  # noqa: ANN001
+    return lambda **overrides: fleet_maker(chaos_config(**overrides))
 
 
 def start_job(fleet: Fleet, config: dict | None = None, clients: bool = True) -> None:

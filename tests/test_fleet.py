@@ -28,18 +28,8 @@ def fleet_config(**overrides) -> FleetConfig:
 
 
 @pytest.fixture
-def fleet_factory(mosquitto_dev, tmp_path):
-    made: list[Fleet] = []
-
-    def make(**overrides) -> Fleet:
-        fleet = Fleet(fleet_config(broker_url=mosquitto_dev.url, workdir=tmp_path / f"fleet{len(made)}",
-                                   **overrides))
-        made.append(fleet)
-        return fleet
-
-    yield make
-    for fleet in made:
-        fleet.stop()
+def fleet_factory(fleet_maker):
+    return lambda **overrides: fleet_maker(fleet_config(**overrides))
 
 
 def session_of(fleet: Fleet):
