@@ -197,7 +197,7 @@ def main() -> None:
         "| measure | median (min-max) |",
         "|---|---|",
         f"| import torch, onnx, onnxruntime, paho, the client (s) | {median_spread([p['import_s'] for p in probes])} |",
-        f"| one FedGen round incl. ONNX generator (s) | {median_spread([p['round_s'] for p in probes])} |",
+        f"| one FedGen round incl. ONNX generator (ms) | {median_spread([1000 * p['round_s'] for p in probes])} |",
         f"| peak resident memory (MiB) | {median_spread([p['peak_rss_mib'] for p in probes])} |",
         "",
         "## Server: closing a round of 10 updates, ms, median (min-max)",
