@@ -105,7 +105,6 @@ class JobWorker(threading.Thread):
         self.runtime: JobRuntime | None = None
         self.validator: UpdateValidator | None = None
         self.open: OpenRound | None = None
-        self.published: dict[int, VersionArtifacts | None] = {}
 
     # ------------------------------------------------------------------------------------------ thread
     def run(self) -> None:

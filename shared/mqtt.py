@@ -118,14 +118,6 @@ class MqttLink:
         self._client.loop_stop()
         self.connected.clear()
 
-    def abort(self) -> None:
-        """Drop the connection without DISCONNECT, as a crash would (the broker publishes the will)."""
-        self._client.loop_stop()
-        sock = self._client.socket()
-        if sock is not None:
-            sock.close()
-        self.connected.clear()
-
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Call `hook` (from the network thread) after every successful (re)connection."""
         self._on_connect_hooks.append(hook)
