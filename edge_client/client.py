@@ -239,9 +239,9 @@ class EdgeClient:
     def _ensure_version(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         """The shared state of `manifest.version`: kept, or old + delta, or read from the full ONNX; the result
         must hash to manifest.state_sha256 in every case."""
-        full_spec = tensor_spec({k: v for k, v in self.model.state_dict().items()
-                                 if k in shared_keys(self.model.state_dict(), partial=False)})
-        shared = shared_keys(self.model.state_dict(), self.cfg.partial)
+        template = self.model.state_dict()
+        full_spec = tensor_spec({k: template[k] for k in shared_keys(template, partial=False)})
+        shared = shared_keys(template, self.cfg.partial)
         held = self.state.load_tensors("global")
         if held is not None and self.state.meta.get("version") == manifest.version \
                 and state_sha256(held) == manifest.state_sha256:

@@ -239,8 +239,7 @@ class JobWorker(threading.Thread):
             return
         for sha in (row.model_onnx_sha256, row.predictor_onnx_sha256, row.generator_onnx_sha256, row.delta_sha256):
             if sha and sha not in keep:
-                size = len(self.ctx.store.get(sha))
-                for i in range(max(1, -(-size // self.settings.chunk_size))):
+                for i in range(max(1, -(-self.ctx.store.size(sha) // self.settings.chunk_size))):
                     self.ctx.link.clear_retained(self.topics.artifact_chunk(sha, i))
 
     # ------------------------------------------------------------------------------------------ rounds
@@ -357,7 +356,7 @@ class JobWorker(threading.Thread):
         """What the selected clients needed to download for this round: the delta when they held the previous
         version (as their presence says), else the full model; plus the generator (FedGen)."""
         row = self.ctx.tx(lambda s: s.get(ModelVersion, (self.job_id, window.version)))
-        size = lambda sha: len(self.ctx.store.get(sha)) if sha else 0  # noqa: E731
+        size = lambda sha: self.ctx.store.size(sha) if sha else 0  # noqa: E731  (stat, no read)
         total = 0
         for client in window.selected:
             held = self.online.get(client).version if client in self.online else None
@@ -520,7 +519,7 @@ class JobWorker(threading.Thread):
                                                                ClientUpdate.idempotency_key == key)).first():
                     return
                 session.add(ClientUpdate(
-                    job_id=self.job_id, round_id=round_id, client_id=client[:128], idempotency_key=key[:128],
+                    job_id=self.job_id, round_id=round_id, client_id=client[:128], idempotency_key=key,
                     base_version=header.base_version if header else 0,
                     num_samples=header.num_samples if header else 0,
                     label_counts=header.label_counts if header else [], metrics=header.metrics if header else {},
