@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast chaos demo demo-simulate bench-paper lint clean
+.PHONY: install test test-fast chaos demo demo-simulate bench-paper test-arm64 dashboard-shot lint clean
 
 install: $(STAMP)
 
@@ -40,6 +40,18 @@ chaos: $(STAMP)
 ## the paper-table benchmark (MNIST, 39 runs of 200 rounds; needs FEDGEN_DATA_DIR or DATA_DIR)
 bench-paper: $(STAMP)
 	$(BIN)/python bench/paper_table.py $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+## the edge client on arm64 under qemu-user emulation: builds an arm64 Debian root (mmdebstrap), installs
+## .[edge-lite] (and .[edge], torch) from aarch64 wheels in it, runs a 2-round FedGen job against a broker and
+## server here; writes bench/results/arm64.md. Needs root (or sudo) and network: 14.8 min from nothing on a
+## 2-core x86_64 (5.5 of them without torch: ARM64_TORCH=0; torch's aarch64 wheels are 2.8 GB).
+## ARM64_WORK (default /var/tmp/fedgen-arm64) keeps the root file system between runs; ARM64_FRESH=1 rebuilds.
+test-arm64: $(STAMP)
+	PYTHON=$(abspath $(BIN)/python) bench/arm64/test-arm64.sh
+
+## a short fleet and a full-page screenshot of its dashboard (needs chromium and chromium-driver from Debian)
+dashboard-shot: $(STAMP)
+	$(BIN)/python bench/dashboard_shot.py docs/dashboard.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check shared server_api edge_client bench tests migrations

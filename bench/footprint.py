@@ -1,115 +1,326 @@
-"""Speed and memory of the pieces that run on devices and on the server.
+"""Speed and memory of the pieces that run on devices and on the server, the torch and the lite edge runtime
+side by side in one run.
 
     python bench/footprint.py            # writes bench/results/footprint.md
+    python bench/footprint.py --skip-install --repeats 5     # quicker, without the install-size rows
 
-Measures, on this machine, with one torch thread (as the edge client runs):
-- local update time per round (T = 20 steps, B = 32, the reference CNN) for FedAvg, FedProx and FedGen, with the
-  generator sampled through onnxruntime as on a device (the paper's Table 3 reports 47.66 ms vs 57-60 ms on a GPU);
-- the edge client's cold start (importing everything it needs) and peak resident memory over a round,
-  measured in a fresh process;
-- the server's work to close a round of 10 clients: aggregation, generator training (FedGen), ONNX export of
-  model, predictor and generator;
+Measures, on this machine, with one compute thread (torch.set_num_threads(1); OMP/OpenBLAS/MKL_NUM_THREADS=1 for
+numpy's BLAS and onnxruntime), each runtime in its own fresh processes (the lite ones never import torch, as on
+a device without it), the blocks of the two runtimes alternating so that other load on the machine hits both:
+- local update time per round (T = 20 steps, B = 32, the reference CNN) for FedAvg, FedProx and FedGen through
+  the runtime seam a device uses (`edge_client.runtime`), the generator sampled through onnxruntime as on a
+  device (the paper's Table 3 reports 47.66 ms vs 57-60 ms on a GPU); goal for lite: <= 3x torch;
+- the edge client's cold start: importing the client, building its runtime and the job's model, and importing
+  onnx and onnxruntime (which it loads for its first model), in a fresh interpreter;
+- peak resident memory (ru_maxrss, from wait4) of real `edge-client` processes through a 2-round FedGen job on
+  the shipped subset (a broker, the server, two devices; round 1 trains with the generator), and their
+  train time in that round; goal for lite: <= 100 MiB on x86;
+- the installed size of `.[edge]` and `.[edge-lite]` (fresh virtual environments, the project's wheel);
+- the server's work to close a round of 10 clients: aggregation, generator training (FedGen), ONNX export;
 - artifact sizes.
 Each timing is the median of repeated runs, with the spread (min-max) shown.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).parent / "results"
+RUNTIMES = ("torch", "lite")
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ALGORITHMS = ("fedavg", "fedprox", "fedgen")
 
-EDGE_PROBE = r"""
-import json, resource, sys, time
+# Local updates through the runtime seam, in a fresh process: argv = runtime, setup dir, repeats, first seed.
+LOCAL_PROBE = r"""
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from edge_client.runtime import make_runtime
+from shared.algorithm.config import AlgorithmConfig
+from shared.data.datasets import load_dataset
+from shared.data.partition import PartitionSpec, partition
+from shared.protocol.onnx_load import OnnxGenerator
+name, setup, repeats, first = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+start = dict(np.load(setup / "start.npz"))
+prior = np.load(setup / "prior.npy")
+sampler = OnnxGenerator((setup / "generator.onnx").read_bytes(), threads=1)
+users = partition(load_dataset("mnist-subset"), PartitionSpec(users=20, alpha=0.1, samples_per_class=1000))
+runtimes = {}
+for algo in ("fedavg", "fedprox", "fedgen"):
+    rt = make_runtime(name, threads=1)
+    rt.prepare(AlgorithmConfig(algorithm=algo), (1, 28, 28), 10)
+    rt.train(start, users[0], 1, 0, sampler if algo == "fedgen" else None, prior)  # warm-up
+    runtimes[algo] = rt
+assert "torch" not in sys.modules or name == "torch"
+out = {algo: [] for algo in runtimes}
+for r in range(first, first + repeats):
+    user = users[r % 20]
+    for algo, rt in runtimes.items():
+        t0 = time.perf_counter()
+        rt.train(start, user, 1, r, sampler if algo == "fedgen" else None, prior)
+        out[algo].append(1000 * (time.perf_counter() - t0))
+print(json.dumps(out))
+"""
+
+# Runs argv[2:] as a grandchild and writes its peak RSS in bytes (wait4's ru_maxrss) to argv[1]. A process
+# started straight from this (large) one would report at least this one's RSS: Linux carries the parent's
+# high-water mark through fork (or vfork) and exec into the child's ru_maxrss. This wrapper is small (python -S,
+# ~10 MiB), so what it reports is the command's own peak.
+RSS_WRAPPER = r"""
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+# Cold start of the edge client with one runtime, in a fresh process: argv = runtime.
+START_PROBE = r"""
+import json, sys, time
 t0 = time.perf_counter()
-import numpy, torch, onnx, onnxruntime, paho.mqtt.client, safetensors
-import edge_client.client, shared.artifacts, shared.local
-t_import = time.perf_counter() - t0
-torch.set_num_threads(1)
-from shared.config import AlgorithmConfig
-from shared.federation import GlobalState, RoundAccumulator
-from shared.artifacts import OnnxGenerator, export_generator_onnx
-from shared.data import load_dataset
-from shared.local import local_update
-from shared.partition import PartitionConfig, partition
-users = partition(load_dataset("mnist-subset"), PartitionConfig(users=20, alpha=0.1, samples_per_class=1000))
-cfg = AlgorithmConfig(algorithm="fedgen")
-gs = GlobalState(cfg, (1, 28, 28), 10, seed=0)
-acc = RoundAccumulator()
-res = local_update(gs.model, gs.state, users[0].train_x, users[0].train_y, cfg, 0, 0)
-acc.add(res.upload, res.num_samples, res.label_counts, client=0)
-gs.close_round(acc, 0)
-sampler = OnnxGenerator(export_generator_onnx(gs.generator))
-t1 = time.perf_counter()
-local_update(gs.model, gs.state, users[1].train_x, users[1].train_y, cfg, 1, 1, sampler, gs.prior.probabilities())
-print(json.dumps({"import_s": t_import, "round_s": time.perf_counter() - t1,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+import edge_client.client
+from edge_client.runtime import make_runtime
+from shared.algorithm.config import AlgorithmConfig
+rt = make_runtime(sys.argv[1], threads=1)
+rt.prepare(AlgorithmConfig(algorithm="fedgen"), (1, 28, 28), 10)
+rt.template()
+import onnx, onnxruntime
+t = time.perf_counter() - t0
+print(json.dumps({"start_s": t, "torch_loaded": "torch" in sys.modules}))
 """
 
 
-def median_spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+# Where a device's memory goes: its peak RSS after each stage of a round, in a fresh process (run under
+# RSS_WRAPPER, so that it starts small): argv = runtime, setup dir.
+MEMORY_PROBE = r"""
+import json, resource, sys
+from pathlib import Path
+stages = []
+def stage(name):
+    stages.append([name, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+stage("interpreter")
+import numpy as np
+stage("numpy")
+import onnx, onnxruntime, paho.mqtt.client
+import edge_client.client
+from edge_client.runtime import make_runtime
+from shared.algorithm.config import AlgorithmConfig
+from shared.protocol.onnx_load import OnnxGenerator
+rt = make_runtime(sys.argv[1], threads=1)
+rt.prepare(AlgorithmConfig(algorithm="fedgen"), (1, 28, 28), 10)
+stage("the client, onnx, onnxruntime, paho, the runtime and its model")
+from shared.data.datasets import load_dataset
+from shared.data.partition import PartitionSpec, partition_user
+dataset = load_dataset("mnist-subset")
+stage("load_dataset (the whole subset, uint8)")
+user = partition_user(dataset, PartitionSpec(users=2, alpha=0.1, samples_per_class=1000, seed=0), 0)
+del dataset
+stage(f"partition (this device's {len(user.train_y)} + {len(user.test_y)} images as float32)")
+setup = Path(sys.argv[2])
+start = dict(np.load(setup / "start.npz"))
+rt.evaluate(start, user.test_x, user.test_y)
+stage(f"evaluate its {len(user.test_y)} test images")
+sampler = OnnxGenerator((setup / "generator.onnx").read_bytes(), threads=1)
+rt.train(start, user, 1, 0, sampler, np.load(setup / "prior.npy"))
+stage("a FedGen local update with the ONNX generator")
+print(json.dumps(stages))
+"""
 
 
-def local_update_times(repeats: int) -> dict[str, list[float]]:
+def median_spread(values: list[float], digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def probe_env() -> dict[str, str]:
+    return {**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT)}
+
+
+def local_update_setup(workdir: Path) -> None:
+    """The server's state after round 0 of 10 clients, its generator as ONNX and its label prior: the start of
+    round 1, the first round that uses the generator."""
+    import numpy as np
     import torch
 
-    from shared.artifacts import OnnxGenerator, export_generator_onnx
-    from shared.config import AlgorithmConfig
-    from shared.data import load_dataset
-    from shared.federation import GlobalState, RoundAccumulator
-    from shared.local import local_update
-    from shared.partition import PartitionConfig, partition
+    from shared.algorithm.config import AlgorithmConfig
+    from shared.algorithm.federation import GlobalState, RoundAccumulator
+    from shared.algorithm.local import local_update
+    from shared.data.datasets import load_dataset
+    from shared.data.partition import PartitionSpec, partition
+    from shared.protocol.onnx_export import export_generator_onnx
 
     torch.set_num_threads(1)
-    users = partition(load_dataset("mnist-subset"), PartitionConfig(users=20, alpha=0.1, samples_per_class=1000))
+    users = partition(load_dataset("mnist-subset"), PartitionSpec(users=20, alpha=0.1, samples_per_class=1000))
     server = GlobalState(AlgorithmConfig(algorithm="fedgen"), (1, 28, 28), 10, seed=0)
     acc = RoundAccumulator()
     for k in range(10):
         res = local_update(server.model, server.state, users[k].train_x, users[k].train_y, server.cfg, 0, k)
         acc.add(res.upload, res.num_samples, res.label_counts, client=k)
     server.close_round(acc, 0)
-    onnx_sampler = OnnxGenerator(export_generator_onnx(server.generator))
-    out: dict[str, list[float]] = {"fedavg": [], "fedprox": [], "fedgen (torch generator)": [],
-                                   "fedgen (onnxruntime generator)": []}
-    for r in range(repeats):
-        user = users[r % 20]
-        for name in out:
-            algo = name.split()[0]
-            cfg = AlgorithmConfig(algorithm=algo)
-            sampler = None
-            if algo == "fedgen":
-                sampler = onnx_sampler if "onnx" in name else server.sampler()
-            start = time.perf_counter()
-            local_update(server.model, server.state, user.train_x, user.train_y, cfg, 1, r, sampler,
-                         server.prior.probabilities())
-            out[name].append(1000 * (time.perf_counter() - start))
+    np.savez(workdir / "start.npz", **{k: v.numpy() for k, v in server.state.items()})
+    np.save(workdir / "prior.npy", np.asarray(server.prior.probabilities()))
+    (workdir / "generator.onnx").write_bytes(export_generator_onnx(server.generator))
+
+
+def local_update_times(repeats: int, blocks: int = 3) -> tuple[dict[str, dict[str, list[float]]], dict]:
+    """runtime -> algorithm -> ms per local update (`blocks` fresh processes per runtime, alternating); and
+    runtime -> the memory stages of MEMORY_PROBE."""
+    out: dict[str, dict[str, list[float]]] = {rt: {a: [] for a in ALGORITHMS} for rt in RUNTIMES}
+    per_block = max(1, -(-repeats // blocks))
+    with tempfile.TemporaryDirectory(prefix="footprint-") as tmp:
+        local_update_setup(Path(tmp))
+        memory = {}
+        for name in RUNTIMES:
+            proc = subprocess.run(measured([sys.executable, "-c", MEMORY_PROBE, name, tmp], Path(tmp) / "rss"),
+                                  capture_output=True, text=True, env=probe_env(), check=True, timeout=600)
+            memory[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for block in range(blocks):
+            order = RUNTIMES if block % 2 == 0 else RUNTIMES[::-1]
+            for name in order:
+                proc = subprocess.run([sys.executable, "-c", LOCAL_PROBE, name, tmp, str(per_block),
+                                       str(block * per_block)], capture_output=True, text=True, env=probe_env(),
+                                      check=True, timeout=1200)
+                for algo, values in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+                    out[name][algo].extend(values)
+    return out, memory
+
+
+def measured(cmd: list[str], rss_file: Path) -> list[str]:
+    """`cmd` under RSS_WRAPPER, which writes its peak RSS (bytes) to `rss_file` when it exits."""
+    return [sys.executable, "-S", "-c", RSS_WRAPPER, str(rss_file), *cmd]
+
+
+def start_probes(repeats: int) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {rt: [] for rt in RUNTIMES}
+    with tempfile.TemporaryDirectory(prefix="footprint-start-") as tmp:
+        rss_file = Path(tmp) / "rss"
+        for r in range(repeats):
+            for name in RUNTIMES if r % 2 == 0 else RUNTIMES[::-1]:
+                proc = subprocess.run(measured([sys.executable, "-c", START_PROBE, name], rss_file),
+                                      capture_output=True, text=True, env=probe_env(), check=True, timeout=600)
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                result["rss_mib"] = int(rss_file.read_text()) / 2**20
+                out[name].append(result)
+    return out
+
+
+def fleet_job(edge_runtime: str, workdir: Path) -> list[dict]:
+    """A 2-round FedGen job of two devices of `edge_runtime`; per device: peak RSS, train seconds of round 1."""
+    from server_api.devfleet.fleet import Fleet, FleetConfig
+
+    cfg = FleetConfig(clients=2, active=2, rounds=2, algorithm="fedgen", dataset="mnist-subset", alpha=0.1,
+                      samples_per_class=1000, local_steps=20, seed=0, round_timeout_s=300, progress=False,
+                      edge_runtime=edge_runtime, workdir=workdir)
+    fleet = Fleet(cfg)
+    try:
+        fleet.start_broker()
+        fleet.start_server()
+        fleet.request("POST", "/jobs", cfg.job_config())
+        procs = {}
+        for k in range(cfg.clients):  # Fleet.start_client's command, under the RSS wrapper
+            cmd = [sys.executable, "-m", "edge_client.cli", "--broker", fleet.broker_url, "--job", fleet.job_id,
+                   "--client-id", f"c{k}", "--partition", cfg.partition_spec(k), "--state-dir",
+                   str(workdir / "edge" / f"c{k}"), "--runtime", cfg.runtime_of(k), "-v"]
+            with open(workdir / f"edge-c{k}.log", "wb") as log:
+                procs[f"c{k}"] = subprocess.Popen(measured(cmd, workdir / f"rss-c{k}"), stdout=log,
+                                                  stderr=subprocess.STDOUT, env=probe_env())
+        fleet.clients = dict(enumerate(procs.values()))  # stopped with the fleet if anything fails
+        summary = fleet.wait(timeout=900)
+        if summary["job_status"] != "finished":
+            raise RuntimeError(f"the job did not finish: {summary}")
+        for p in procs.values():
+            p.wait(timeout=120)
+        rss = {cid: int((workdir / f"rss-{cid}").read_text()) for cid in procs}
+        detail = fleet.request("GET", f"/jobs/{fleet.job_id}/rounds/1")
+        updates = {u["client_id"]: u for a in detail["attempts"] for u in a["updates"] if u["status"] == "accepted"}
+        clients = {c["client_id"]: c for c in fleet.request("GET", f"/clients?job_id={fleet.job_id}")["items"]}
+        return [{"client": cid, "runtime": clients[cid]["device_info"].get("runtime"), "rc": procs[cid].returncode,
+                 "peak_rss_mib": rss[cid] / 2**20, "train_ms": 1000 * updates[cid]["metrics"]["train_seconds"]}
+                for cid in procs]
+    finally:
+        fleet.stop()
+
+
+def fleet_memory(jobs: int) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {rt: [] for rt in RUNTIMES}
+    with tempfile.TemporaryDirectory(prefix="footprint-fleet-") as tmp:
+        for j in range(jobs):
+            for name in RUNTIMES if j % 2 == 0 else RUNTIMES[::-1]:
+                devices = fleet_job(name, Path(tmp) / f"{name}-{j}")
+                assert all(d["runtime"] == name and d["rc"] == 0 for d in devices), devices
+                out[name].extend(devices)
+    return out
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def install_sizes() -> dict[str, dict]:
+    """Installed size of `.[edge]` and `.[edge-lite]`: fresh venvs, the project's wheel (built from a copy of the
+    checkout's files), site-packages less that of an empty venv."""
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="footprint-install-") as tmp:
+        tmp = Path(tmp)
+        files = subprocess.run(["git", "ls-files", "-c", "-o", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                               capture_output=True).stdout.decode().split("\0")
+        src = tmp / "src"
+        for name in filter(None, files):
+            if (ROOT / name).is_file():
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, src / name)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp / "dist"),
+                        str(src)], check=True, timeout=900)
+        wheel = next((tmp / "dist").glob("fedgen_fleet-*.whl"))
+        for extra in ("edge", "edge-lite"):
+            venv = tmp / f"venv-{extra}"
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            site = next(venv.glob("lib/python*/site-packages"))
+            base = _tree_bytes(site)
+            t0 = time.monotonic()
+            subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", f"{wheel}[{extra}]"], check=True,
+                           timeout=1800)
+            seconds = time.monotonic() - t0
+            dists = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; "
+                                    "print('\\n'.join(sorted(f'{d.metadata[\"Name\"]}=={d.version}' "
+                                    "for d in m.distributions())))"], check=True, capture_output=True,
+                                   text=True, cwd=tmp).stdout.split()  # not the checkout: its egg-info
+            dists = [d for d in dists if not d.lower().startswith(("pip==", "setuptools=="))]
+            out[extra] = {"mib": (_tree_bytes(site) - base) / 2**20, "seconds": seconds, "dists": dists}
     return out
 
 
 def server_close_times(repeats: int) -> dict[str, list[float]]:
     import torch
 
-    from server_api.job_runtime import JobRuntime, JobSettings
-    from shared.config import AlgorithmConfig
-    from shared.data import load_dataset
-    from shared.local import local_update
-    from shared.partition import PartitionConfig, partition
+    from server_api.rounds.runtime import JobRuntime
+    from shared.algorithm.config import AlgorithmConfig
+    from shared.algorithm.local import local_update
+    from shared.data.datasets import load_dataset
+    from shared.data.partition import PartitionSpec, partition
+    from shared.protocol.job import JobConfig
 
     torch.set_num_threads(1)
-    users = partition(load_dataset("mnist-subset"), PartitionConfig(users=20, alpha=0.1, samples_per_class=1000))
+    users = partition(load_dataset("mnist-subset"), PartitionSpec(users=20, alpha=0.1, samples_per_class=1000))
     out: dict[str, list[float]] = {}
     for algo in ("fedavg", "fedgen"):
-        runtime = JobRuntime(JobSettings(dataset="mnist-subset", algorithm=AlgorithmConfig(algorithm=algo)))
+        runtime = JobRuntime(JobConfig(dataset="mnist-subset", algorithm=AlgorithmConfig(algorithm=algo)))
         uploads = [local_update(runtime.global_state.model, runtime.global_state.state, u.train_x, u.train_y,
                                 runtime.cfg, 0, k) for k, u in enumerate(users[:10])]
         for r in range(repeats):
@@ -126,19 +337,20 @@ def server_close_times(repeats: int) -> dict[str, list[float]]:
 
 
 def artifact_sizes() -> dict[str, int]:
-    from server_api.job_runtime import JobRuntime, JobSettings
-    from shared.config import AlgorithmConfig
-    from shared.federation import RoundAccumulator
-    from shared.local import local_update
-    from shared.wire import encode_tensors
+    import numpy as np
+
+    from server_api.rounds.runtime import JobRuntime
+    from shared.algorithm.config import AlgorithmConfig
+    from shared.algorithm.federation import RoundAccumulator
+    from shared.algorithm.local import local_update
+    from shared.protocol.job import JobConfig
+    from shared.protocol.tensors import encode_tensors
 
     sizes = {}
     for partial in (False, True):
-        runtime = JobRuntime(JobSettings(dataset="mnist-subset",
-                                         algorithm=AlgorithmConfig(algorithm="fedgen", partial=partial)))
+        runtime = JobRuntime(JobConfig(dataset="mnist-subset",
+                                       algorithm=AlgorithmConfig(algorithm="fedgen", partial=partial)))
         gs = runtime.global_state
-        import numpy as np
-
         x = np.zeros((40, 1, 28, 28), np.float32)
         y = np.arange(40) % 10
         res = local_update(gs.model, gs.state, x, y, runtime.cfg, 0, 0)
@@ -157,48 +369,94 @@ def artifact_sizes() -> dict[str, int]:
     return sizes
 
 
-def edge_probe(repeats: int) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    runs = []
-    for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-c", EDGE_PROBE], capture_output=True, text=True, env=env,
-                              check=True, timeout=600)
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return runs
+def _versions() -> str:
+    import numpy
+    import onnxruntime
+    import torch
+
+    return f"torch {torch.__version__}, numpy {numpy.__version__}, onnxruntime {onnxruntime.__version__}"
 
 
-def main() -> None:
-    repeats = int(os.environ.get("FOOTPRINT_REPEATS", "20"))
-    local = local_update_times(repeats)
-    server = server_close_times(max(3, repeats // 4))
-    probes = edge_probe(3)
-    sizes = artifact_sizes()
-    load = os.getloadavg()
-    ratio = statistics.median(local["fedgen (onnxruntime generator)"]) / statistics.median(local["fedavg"])
+def report(args, local, memory, starts, fleet, installs, server, sizes, loads) -> list[str]:
+    med = statistics.median
     lines = [
         "# Footprint: speed and memory",
         "",
-        f"Command: `python bench/footprint.py` (FOOTPRINT_REPEATS={repeats}). Machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {__import__('torch').__version__}, "
-        f"one torch thread; load average when it finished {load[0]:.2f} (other work on the machine inflates "
-        "timings; compare rows of one run, not runs of different days).",
+        f"Command: `python bench/footprint.py --repeats {args.repeats} --jobs {args.jobs}"
+        f"{' --skip-install' if args.skip_install else ''}`. Machine: {platform.machine()}, {os.cpu_count()} "
+        f"cores, Python {platform.python_version()}, {_versions()}; one compute thread. Load average (1 min) "
+        f"before / after: {loads[0]:.2f} / {loads[1]:.2f} (the machine is shared: other work inflates timings; "
+        "compare rows of one run, not runs of different days). Torch and lite ran in alternating fresh processes "
+        "of the same run.",
         "",
         "## Local update (one round on a device: T = 20 steps, B = 32, reference CNN), ms, median (min-max)",
         "",
-        "| algorithm | ms |",
-        "|---|---|",
-        *[f"| {name} | {median_spread(vals)} |" for name, vals in local.items()],
+        "Through `edge_client.runtime` (what a device runs, numpy state in and out), from the server's state after "
+        "round 0, round 1 (FedGen's terms on), the generator through onnxruntime as on a device.",
         "",
-        f"FedGen / FedAvg: {ratio:.2f}x "
-        "(the paper, Table 3, on EMNIST: 57-60 ms / 47.66 ms = 1.2x).",
+        "| algorithm | torch | lite | lite / torch |",
+        "|---|---|---|---|",
+        *[f"| {a} | {median_spread(local['torch'][a])} | {median_spread(local['lite'][a])} | "
+          f"{med(local['lite'][a]) / med(local['torch'][a]):.2f}x |" for a in ALGORITHMS],
         "",
-        "## Edge client process (fresh interpreter, 3 runs)",
+        f"FedGen / FedAvg: torch {med(local['torch']['fedgen']) / med(local['torch']['fedavg']):.2f}x, "
+        f"lite {med(local['lite']['fedgen']) / med(local['lite']['fedavg']):.2f}x "
+        "(the paper, Table 3, on EMNIST: 57-60 ms / 47.66 ms = 1.2x). Goal for lite: <= 3x torch "
+        f"(FedGen: {med(local['lite']['fedgen']) / med(local['torch']['fedgen']):.2f}x: "
+        f"{'met' if med(local['lite']['fedgen']) <= 3 * med(local['torch']['fedgen']) else 'not met'}).",
         "",
-        "| measure | median (min-max) |",
-        "|---|---|",
-        f"| import torch, onnx, onnxruntime, paho, the client (s) | {median_spread([p['import_s'] for p in probes])} |",
-        f"| one FedGen round incl. ONNX generator (ms) | {median_spread([1000 * p['round_s'] for p in probes])} |",
-        f"| peak resident memory (MiB) | {median_spread([p['peak_rss_mib'] for p in probes])} |",
+        f"## Edge client process, median (min-max) of {len(starts['torch'])} fresh interpreters per runtime",
+        "",
+        "| measure | torch | lite |",
+        "|---|---|---|",
+        "| cold start: import the client, build runtime and model, import onnx + onnxruntime (s) | "
+        f"{median_spread([p['start_s'] for p in starts['torch']], 2)} | "
+        f"{median_spread([p['start_s'] for p in starts['lite']], 2)} |",
+        f"| peak resident memory by then (MiB) | {median_spread([p['rss_mib'] for p in starts['torch']])} | "
+        f"{median_spread([p['rss_mib'] for p in starts['lite']])} |",
+        f"| torch loaded | {starts['torch'][0]['torch_loaded']} | {any(p['torch_loaded'] for p in starts['lite'])} |",
+        "",
+        f"## Edge client through a FedGen job ({args.jobs} jobs per runtime, 2 devices each: "
+        f"{len(fleet['torch'])} processes per runtime)",
+        "",
+        "`edge-client --runtime torch|lite` processes of a real job (broker, server on SQLite, 2 devices of a "
+        "2-user alpha = 0.1 partition of the subset, 2 rounds, FedGen, T = 20, B = 32): peak resident memory over "
+        "the whole process (ru_maxrss, wait4) and the local update of round 1 (with the generator) as the device "
+        "reported it (`train_seconds`; the two devices train at the same time on 2 cores).",
+        "",
+        "| measure | torch | lite |",
+        "|---|---|---|",
+        f"| peak resident memory (MiB) | {median_spread([d['peak_rss_mib'] for d in fleet['torch']])} | "
+        f"{median_spread([d['peak_rss_mib'] for d in fleet['lite']])} |",
+        f"| round-1 local update (ms) | {median_spread([d['train_ms'] for d in fleet['torch']])} | "
+        f"{median_spread([d['train_ms'] for d in fleet['lite']])} |",
+        "",
+        f"Goal for lite: peak RSS <= 100 MiB on x86: "
+        f"{'met' if med([d['peak_rss_mib'] for d in fleet['lite']]) <= 100 else 'not met'} "
+        f"(median {med([d['peak_rss_mib'] for d in fleet['lite']]):.1f} MiB).",
+        "",
+        "Where it goes: peak resident memory after each stage of a round, one fresh process per runtime "
+        "(the device c0 of the job above; MiB):",
+        "",
+        "| stage | torch | lite |",
+        "|---|---|---|",
+        *[f"| {t[0]} | {t[1]:.1f} | {lt[1]:.1f} |" for t, lt in zip(memory["torch"], memory["lite"])],
+    ]
+    if installs:
+        lines += [
+            "",
+            "## Installed size (fresh venv, site-packages less an empty venv's)",
+            "",
+            "| extra | MiB | install s | packages |",
+            "|---|---|---|---|",
+            *[f"| `.[{extra}]` | {info['mib']:.1f} | {info['seconds']:.0f} | {', '.join(info['dists'])} |"
+              for extra, info in installs.items()],
+            "",
+            "x86_64 here installs PyTorch's CPU-only wheel (`torch==2.13.0+cpu` from this machine's wheel folder); "
+            "the default x86_64 wheel on PyPI pulls the CUDA libraries as well (several GB). aarch64: "
+            "bench/results/arm64.md.",
+        ]
+    lines += [
         "",
         "## Server: closing a round of 10 updates, ms, median (min-max)",
         "",
@@ -212,8 +470,32 @@ def main() -> None:
         "|---|---|",
         *[f"| {name} | {size:,} |" for name, size in sizes.items()],
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "footprint.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=int(os.environ.get("FOOTPRINT_REPEATS", "21")),
+                   help="local updates per algorithm and runtime (default 21, or $FOOTPRINT_REPEATS)")
+    p.add_argument("--jobs", type=int, default=3, help="FedGen jobs per runtime for the memory rows (default 3)")
+    p.add_argument("--starts", type=int, default=5, help="cold starts per runtime (default 5)")
+    p.add_argument("--skip-install", action="store_true", help="leave out the install-size rows")
+    p.add_argument("--out", type=Path, default=RESULTS / "footprint.md")
+    args = p.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    local, memory = local_update_times(args.repeats)
+    starts = start_probes(args.starts)
+    fleet = fleet_memory(args.jobs)
+    installs = None if args.skip_install else install_sizes()
+    import torch
+
+    torch.set_num_threads(1)
+    server = server_close_times(max(3, args.repeats // 4))
+    sizes = artifact_sizes()
+    lines = report(args, local, memory, starts, fleet, installs, server, sizes,
+                   (load_before, os.getloadavg()[0]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -49,6 +49,7 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['edge']))" > /tmp
 # as package data, so no dataset volume is needed) and edge_client/. server_api/ is left out on purpose
 # (tests/test_compose.py checks that edge_client does not import it). A regular (non-editable) install:
 # nothing is read from /src at run time.
+COPY setup.py ./
 COPY shared ./shared
 COPY edge_client ./edge_client
 RUN pip install ".[edge]" && pip check

@@ -36,15 +36,15 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /t
  && rm /tmp/requirements.txt
 
 # --- 3. the project itself ------------------------------------------------------------------------------
-# Editable on purpose: server_api/db/engine.py finds the Alembic migrations at <source root>/migrations
-# (the server upgrades the schema itself on start), so the source tree stays at /app with migrations/
-# next to the packages. Dependencies are already satisfied; this adds the `fedgen` console script.
-COPY alembic.ini ./
+# A regular (non-editable) install: the wheel carries the Alembic migrations and the broker configs inside
+# server_api/ (setup.py), so nothing is read from /app at run time and the source is removed.
+COPY setup.py ./
 COPY migrations ./migrations
+COPY broker ./broker
 COPY shared ./shared
 COPY server_api ./server_api
 COPY edge_client ./edge_client
-RUN pip install -e ".[server]" && pip check
+RUN pip install ".[server]" && pip check && rm -rf /app/*
 
 # --- 4. runtime: unprivileged user, writable state only under /var/lib/fedgen ---------------------------
 RUN groupadd --system --gid 10001 fedgen \

@@ -1,4 +1,9 @@
-"""The edge client: announce, wait for selection, fetch the model (delta or full), train, upload until acked."""
+"""The edge client: announce, wait for selection, fetch the model (delta or full), train, upload until acked.
+
+Everything it receives is untrusted: a message that does not decode, a manifest this device cannot train, an
+artifact that fails its checks are refused with a logged reason, and the device waits for the next good one;
+nothing received can end the process.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +14,39 @@ import queue
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from edge_client.data import LocalData, PartitionSpec
-from edge_client.state import DeviceState
-from shared.artifacts import OnnxGenerator, apply_delta, state_from_onnx, state_sha256
-from shared.config import AlgorithmConfig
-from shared.federation import client_start_state
-from shared.local import evaluate, local_update, round_seed
-from shared.models import SplitClassifier, build_model, shared_keys
+from edge_client.data import load_partition
+from edge_client.model_cache import MAX_ARTIFACT_BYTES, ArtifactError, ModelCache
+from edge_client.runtime import Runtime, make_runtime
+from edge_client.state import DeviceState, job_state_dir
+from shared.algorithm.config import AlgorithmConfig
+from shared.algorithm.schedule import round_seed
+from shared.data.partition import PartitionSpec, UserData
+from shared.fsutil import sha256_hex
 from shared.mqtt import Message, MqttLink
-from shared.protocol import (
+from shared.protocol.errors import ValidationError
+from shared.protocol.frames import Reassembler, decode_chunk, split_chunks
+from shared.protocol.messages import (
     Manifest,
     Presence,
-    Reassembler,
     RoundAnnouncement,
-    Topics,
     UpdateHeader,
     decode_ack,
     decode_assignment,
-    decode_chunk,
     decode_manifest,
     decode_round,
     encode_update,
-    split_chunks,
 )
-from shared.wire import ValidationError, decode_tensors, encode_tensors, sha256_hex, tensor_spec
+from shared.protocol.tensors import encode_tensors
+from shared.protocol.topics import Topics
 
 log = logging.getLogger("fedgen.edge")
-MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+
+DataLoader = Callable[[tuple[int, int, int], int], UserData]  # (image_shape, num_classes) -> the device's data
 
 
 @dataclass
@@ -50,7 +56,8 @@ class EdgeOptions:
     client_id: str
     state_dir: str
     partition: PartitionSpec | None = None
-    data_loader: object = None  # callable(image_shape, num_classes) -> LocalData, for --data
+    partition_index: int | None = None  # None with a partition: ask the server (index=auto)
+    data_loader: DataLoader | None = None  # for --data
     data_dir: str | None = None
     username: str | None = None
     password: str | None = None
@@ -58,29 +65,36 @@ class EdgeOptions:
     retry_s: float = 10.0
     fetch_timeout_s: float = 60.0
     exit_when_finished: bool = True
-
-
-class ArtifactError(Exception):
-    """An artifact could not be fetched or failed its checks."""
+    runtime: str = "auto"
+    threads: int = 1
+    device: str = "auto"  # the torch runtime's: auto (cuda when available), cpu, cuda
+    # give up (exit 3) when nothing of the job arrives within this many seconds of connecting; None: wait forever
+    job_wait_s: float | None = None
 
 
 class EdgeClient:
-    def __init__(self, opts: EdgeOptions):
+    def __init__(self, opts: EdgeOptions, runtime: Runtime | None = None):
         self.opts = opts
         self.topics = Topics(opts.job)
-        self.state = DeviceState(opts.state_dir)
+        self.state = DeviceState(job_state_dir(opts.state_dir, opts.job))
+        self.runtime = runtime or make_runtime(opts.runtime, opts.threads, opts.device)
         self.link = MqttLink(opts.broker, opts.client_id, clean_session=False, username=opts.username,
                              password=opts.password, tls_ca=opts.tls_ca,
                              will=(self.topics.presence(opts.client_id), Presence("offline").to_json()))
+        self.cache = ModelCache(self.state, self._fetch, opts.client_id)
         self.deferred: deque[Message] = deque()
         self.manifest: Manifest | None = None
         self.round: RoundAnnouncement | None = None
-        self.data: LocalData | None = None
-        self.model: SplitClassifier | None = None
+        self.data: UserData | None = None
         self.cfg: AlgorithmConfig | None = None
-        self.generator: tuple[str, OnnxGenerator] | None = None
-        self.partition_index = self.state.meta.get("partition_index")
+        self.partition_index = opts.partition_index if opts.partition_index is not None \
+            else self.state.meta.get("partition_index")
         self.finished = False
+        self.refused: dict[str, int] = {}  # refusals by reason
+        self.last_refusal: str | None = None  # told to the server in the presence
+        self._unusable: set[str] = set()  # (manifest, round) keys this device found it cannot train
+        self.job_seen = False  # a manifest or round announcement of the job arrived
+        self.end_reason: str | None = None  # why run() returned other than 0, for the operator
 
     # ------------------------------------------------------------------------------------------ main loop
     def run(self, max_seconds: float | None = None) -> int:
@@ -91,20 +105,43 @@ class EdgeClient:
         self.link.on_connect(self._announce)
         self.link.start(wait=None)
         started, last_retry = time.monotonic(), 0.0
+        self._connected_since: float | None = None
         try:
             while not (self.finished and self.opts.exit_when_finished and not self.state.meta["pending"]):
                 if max_seconds is not None and time.monotonic() - started > max_seconds:
                     return 1
+                if self._job_missing():
+                    return 3
                 msg = self._next_message(timeout=0.5)
                 if msg is not None:
                     self._handle(msg)
-                self._maybe_train()
+                self._train_if_selected()
                 if self.state.meta["pending"] and time.monotonic() - last_retry > self.opts.retry_s:
                     self._send_pending()
                     last_retry = time.monotonic()
+            if self.round is not None and self.round.status != "finished":
+                why = f" ({self.round.reason})" if self.round.reason else ""
+                self.end_reason = f"job {self.opts.job} {self.round.status}{why}: this device stops"
+                return 3
             return 0
         finally:
             self.link.stop()
+
+    def _job_missing(self) -> bool:
+        """True once the device has been connected for `job_wait_s` without a word of its job."""
+        if self.job_seen or not self.opts.job_wait_s:
+            return False
+        if not self.link.connected.is_set():
+            return False
+        now = time.monotonic()
+        if self._connected_since is None:
+            self._connected_since = now
+        if now - self._connected_since < self.opts.job_wait_s:
+            return False
+        self.end_reason = (f"job {self.opts.job} not found: nothing of it on the broker within "
+                           f"{self.opts.job_wait_s:g} s of connecting (is the job created and the server "
+                           "running? --job-wait 0 waits forever)")
+        return True
 
     def _next_message(self, timeout: float) -> Message | None:
         if self.deferred:
@@ -116,190 +153,203 @@ class EdgeClient:
 
     def _announce(self) -> None:
         """Presence (retained; the will replaces it with 'offline' if we vanish). Called on every connect."""
-        device = {"platform": platform.platform(terse=True), "machine": platform.machine(),
-                  "python": platform.python_version(), "torch": torch.__version__}
-        if self.opts.partition is not None and self.opts.partition.index is None:
-            device["partition_request"] = self.opts.partition.without_index()
+        device = {"platform": platform.platform(terse=True)[:256], "machine": platform.machine()[:256],
+                  "python": platform.python_version(), "runtime": self.runtime.name,
+                  self.runtime.name: self.runtime.version[:256]}
+        if self.last_refusal:
+            device["refused"] = self.last_refusal[:256]
+        request = self.opts.partition if self.opts.partition is not None and self.opts.partition_index is None \
+            else None
         n = len(self.data.train_y) if self.data is not None else None
         self.link.publish(self.topics.presence(self.opts.client_id),
-                          Presence("online", n, self.state.meta.get("version"), device).to_json(), retain=True)
+                          Presence("online", n, self.state.meta.get("version"), device, request).to_json(),
+                          retain=True)
+
+    # ------------------------------------------------------------------------------------------ messages
+    def _refuse(self, what: str, reason: str, message: str) -> None:
+        """Log a refusal, count it, and tell the server (presence) when the reason is new."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        log.warning("%s: refused %s (%s): %s", self.opts.client_id, what, reason, message)
+        summary = f"{what}: {reason}"
+        if summary != self.last_refusal:
+            self.last_refusal = summary
+            self._announce()
 
     def _handle(self, msg: Message) -> None:
+        """One received message; a bad one is refused and logged, never raised."""
         try:
             if msg.topic == self.topics.manifest and msg.payload:
                 self.manifest = decode_manifest(msg.payload)
+                self.job_seen = True
             elif msg.topic == self.topics.round and msg.payload:
-                self.round = decode_round(msg.payload)
-                self.finished = self.round.status == "finished"
-                if self.finished and self.state.meta["pending"]:
-                    # the server closed every round: an unacknowledged update can no longer count anywhere
-                    log.warning("%s: job finished; dropping %d unacknowledged update(s)", self.opts.client_id,
-                                len(self.state.meta["pending"]))
-                    for key in list(self.state.meta["pending"]):
-                        self.state.acknowledged(key)
-            elif msg.topic == self.topics.ack(self.opts.client_id):
-                ack = decode_ack(msg.payload)
-                if ack.idempotency_key in self.state.meta["pending"]:
-                    level = logging.INFO if ack.status != "rejected" else logging.WARNING
-                    log.log(level, "%s: update %s %s%s", self.opts.client_id, ack.idempotency_key[:8], ack.status,
-                            f" ({ack.reason}: {ack.message})" if ack.reason else "")
-                    self.state.acknowledged(ack.idempotency_key)
+                self._on_round(decode_round(msg.payload))
+            elif msg.topic == self.topics.ack(self.opts.client_id) and msg.payload:
+                self._on_ack(msg.payload)
             elif msg.topic == self.topics.assignment(self.opts.client_id) and msg.payload:
-                assignment = decode_assignment(msg.payload)
-                if self.opts.partition and assignment.spec == self.opts.partition.without_index():
-                    self.partition_index = assignment.index
-                    self.state.meta["partition_index"] = assignment.index
-                    self.state.save_meta()
+                self._on_assignment(msg.payload)
         except ValidationError as exc:
-            log.warning("%s: refused a message on %s: %s", self.opts.client_id, msg.topic, exc)
+            self._refuse(f"a message on {msg.topic.rsplit('/', 1)[-1]}", exc.reason, f"{msg.topic}: {exc}")
+        except Exception:  # a bug of this client: logged with its traceback, never the end of the device
+            log.exception("%s: could not handle a message on %s", self.opts.client_id, msg.topic)
+
+    def _on_round(self, announcement: RoundAnnouncement) -> None:
+        if announcement.job != self.opts.job:
+            raise ValidationError("unknown_job", f"round announcement of job {announcement.job}")
+        self.round = announcement
+        self.job_seen = True
+        if announcement.job_ended and not self.finished:  # the CLI says it once more on exit, without -v
+            log.info("%s: job %s %s", self.opts.client_id, announcement.job, announcement.status)
+        self.finished = announcement.job_ended
+        if self.finished and self.state.meta["pending"]:
+            # the server closed every round: an unacknowledged update can no longer count anywhere
+            log.warning("%s: job %s; dropping %d unacknowledged update(s)", self.opts.client_id,
+                        announcement.status, len(self.state.meta["pending"]))
+            for key in list(self.state.meta["pending"]):
+                self.state.acknowledged(key)
+
+    def _on_ack(self, payload: bytes) -> None:
+        ack = decode_ack(payload)
+        if ack.idempotency_key in self.state.meta["pending"]:
+            level = logging.INFO if ack.status != "rejected" else logging.WARNING
+            log.log(level, "%s: update %s %s%s", self.opts.client_id, ack.idempotency_key[:8], ack.status,
+                    f" ({ack.reason}: {ack.message})" if ack.reason else "")
+            self.state.acknowledged(ack.idempotency_key)
+
+    def _on_assignment(self, payload: bytes) -> None:
+        assignment = decode_assignment(payload)
+        if self.opts.partition is None or self.opts.partition_index is not None \
+                or assignment.spec != self.opts.partition:
+            return
+        if assignment.index is None:
+            log.warning("%s: the server has no free partition for this device: %s", self.opts.client_id,
+                        assignment.reason or "no reason given")
+            return
+        if not 0 <= assignment.index < self.opts.partition.users:
+            raise ValidationError("bad_field", f"assigned partition index {assignment.index} outside "
+                                               f"0..{self.opts.partition.users - 1}")
+        self.partition_index = assignment.index
+        self.state.meta["partition_index"] = assignment.index
+        self.state.save_meta()
 
     # ------------------------------------------------------------------------------------------ a round
+    def _train_if_selected(self) -> None:
+        """`_maybe_train`, but whatever goes wrong in it is logged and that round skipped, never raised."""
+        try:
+            self._maybe_train()
+        except Exception as exc:
+            key = self._round_key()
+            log.exception("%s: training failed%s", self.opts.client_id, f" in round {key}" if key else "")
+            if key:
+                self._unusable.add(key)
+            self._refuse("training", type(exc).__name__.lower()[:64], str(exc))
+
+    def _round_key(self) -> str | None:
+        ann = self.round
+        return f"{ann.round}.{ann.attempt}.v{self.manifest.version}" if ann and self.manifest else None
+
     def _maybe_train(self) -> None:
         ann, manifest = self.round, self.manifest
-        if ann is None or manifest is None or ann.status != "open" or self.opts.client_id not in ann.selected:
+        if ann is None or manifest is None or ann.status != "open" or not ann.selects(self.opts.client_id):
             return
         round_key = f"{ann.round}.{ann.attempt}"
-        if round_key in self.state.meta["done"] or round_key in self.state.meta["pending"].values():
+        if round_key in self.state.meta["done"] or round_key in self.state.meta["pending"].values() \
+                or self._round_key() in self._unusable:
             return
         if time.time() > ann.deadline or manifest.version != ann.version:
             return  # too late, or the manifest of this round's version has not arrived yet
         if not self._prepare(manifest):
             return
         try:
-            global_state = self._ensure_version(manifest)
+            start = self.cache.ensure_version(manifest, self.runtime, self.cfg)
         except ArtifactError as exc:
             log.warning("%s: cannot get version %d: %s", self.opts.client_id, manifest.version, exc)
             return
-        self._train_and_upload(ann, manifest, global_state, round_key)
+        self._train_and_upload(ann, manifest, start, round_key)
 
     def _prepare(self, manifest: Manifest) -> bool:
-        """Load the data and build the model once the job's settings are known."""
-        if self.model is None:
+        """Build the model and load the data once the job's settings are known; False to wait (for the
+        partition assignment, or for a manifest this device can use)."""
+        if self.cfg is None:
             try:
-                self.cfg = AlgorithmConfig.from_dict(manifest.algorithm)
-                self.model = build_model(self.cfg.model, tuple(manifest.image_shape), manifest.num_classes)
-            except (TypeError, ValueError) as exc:
-                log.warning("%s: manifest of version %d has unusable settings (%s); waiting for another",
-                            self.opts.client_id, manifest.version, exc)
-                self.manifest, self.cfg = None, None
+                self.runtime.prepare(manifest.config.algorithm, manifest.image_shape, manifest.num_classes)
+            except ValueError as exc:
+                self._refuse("the manifest", "cannot_run", f"manifest of version {manifest.version} has settings "
+                             f"this device cannot run ({exc}); waiting for another")
+                self.manifest = None
                 return False
+            self.cfg = manifest.config.algorithm
         if self.data is None:
-            if self.opts.partition is not None:
-                index = self.opts.partition.index if self.opts.partition.index is not None else self.partition_index
-                if index is None:
-                    return False  # waiting for the server's assignment
-                self.data = self.opts.partition.load(index, manifest.seed, self.opts.data_dir)
-            else:
-                self.data = self.opts.data_loader(tuple(manifest.image_shape), manifest.num_classes)
+            if self.opts.partition is not None and self.partition_index is None:
+                return False  # waiting for the server's assignment
+            try:
+                self.data = self._load_data(manifest)
+            except (ValueError, OSError) as exc:  # DataError and PartitionError are ValueErrors
+                self._unusable.add(self._round_key())
+                self._refuse("the job", "data_does_not_fit", f"this device's data does not fit job "
+                             f"{manifest.job} ({exc}); waiting for another manifest")
+                return False
             self._announce()
         return True
 
-    def _train_and_upload(self, ann: RoundAnnouncement, manifest: Manifest, global_state: dict,
+    def _load_data(self, manifest: Manifest) -> UserData:
+        if self.opts.partition is not None:
+            return load_partition(self.opts.partition, self.partition_index, manifest.config.seed,
+                                  self.opts.data_dir)
+        data = self.opts.data_loader(manifest.image_shape, manifest.num_classes)
+        if tuple(data.train_x.shape[1:]) != tuple(manifest.image_shape) or data.num_classes != manifest.num_classes:
+            raise ValueError(f"{data.train_x.shape[1:]} images of {data.num_classes} classes, the job has "
+                             f"{manifest.image_shape} of {manifest.num_classes}")
+        return data
+
+    def _train_and_upload(self, ann: RoundAnnouncement, manifest: Manifest, global_state: dict[str, np.ndarray],
                           round_key: str) -> None:
         cfg, data = self.cfg, self.data
-        own = self.state.load_tensors("own") if cfg.partial else None
-        start = client_start_state(global_state, own, cfg.partial)
-        check = evaluate(self.model, start, data.test_x, data.test_y) if len(data.test_y) else None
-        sampler = self._generator(manifest) if cfg.uses_generator and manifest.generator else None
+        start = dict(global_state)
+        if cfg.partial:  # the device's own theta^f with the global theta^p
+            own = self.state.load_tensors("own") or {}
+            shared = set(self.runtime.shared_keys(partial=True))
+            start.update({k: v for k, v in own.items() if k in start and k not in shared})
+        check = self.runtime.evaluate(start, data.test_x, data.test_y) if len(data.test_y) else None
+        sampler = None
+        if cfg.uses_generator and manifest.generator is not None:
+            template = self.runtime.template()
+            latent = template["predictor.weight"].shape[1]
+            sampler = self.cache.generator(manifest, cfg, latent, manifest.num_classes)
         began = time.perf_counter()
-        result = local_update(self.model, start, data.train_x, data.train_y, cfg, ann.round,
-                              round_seed(manifest.seed, ann.round, data.seed_key), sampler,
-                              np.asarray(manifest.label_prior) if manifest.label_prior else None)
+        result = self.runtime.train(start, data, ann.round, round_seed(manifest.config.seed, ann.round,
+                                                                       data.seed_key),
+                                    sampler, np.asarray(manifest.label_prior) if manifest.label_prior else None)
         metrics = {"train_loss": result.train_loss, "train_seconds": time.perf_counter() - began}
         if check is not None:
             metrics.update(test_correct=check.correct, test_count=check.count,
                            test_loss=check.loss_sum / max(1, check.count))
         if cfg.partial:
             self.state.save_tensors("own", result.state)
-        if not all(torch.isfinite(t).all() for t in result.upload.values()):
+        if not all(np.isfinite(t).all() for t in result.upload.values()):
             # e.g. a global model wrecked by poisoned updates: the server would refuse it (non_finite)
             log.warning("%s: training in round %d gave non-finite weights; not uploading", self.opts.client_id,
                         ann.round)
-            self.state.meta["done"] = (self.state.meta["done"] + [round_key])[-1000:]
-            self.state.save_meta()
+            self.state.mark_done(round_key)
             return
-        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
         blob = encode_tensors(result.upload)
         header = UpdateHeader(job=self.opts.job, round=ann.round, attempt=ann.attempt, client=self.opts.client_id,
                               base_version=manifest.version, num_samples=result.num_samples,
-                              label_counts=[int(c) for c in result.label_counts],
-                              idempotency_key=uuid.uuid4().hex, tensors_sha256=sha256_hex(blob), metrics=metrics)
+                              label_counts=result.label_counts, idempotency_key=uuid.uuid4().hex,
+                              tensors_sha256=sha256_hex(blob), metrics=metrics)
         self.state.save_pending(header.idempotency_key, round_key, encode_update(header, blob))
         log.info("%s: trained round %d (%d samples, loss %.3f); uploading", self.opts.client_id, ann.round,
                  result.num_samples, result.train_loss)
+        self._announce()
         self._send_pending()
 
     def _send_pending(self) -> None:
-        chunk_size = self.manifest.chunk_size if self.manifest else 256 * 1024
+        chunk_size = self.manifest.config.chunk_size if self.manifest else 256 * 1024
         for key, envelope in self.state.pending().items():
             for chunk in split_chunks(envelope, stream=key, chunk_size=chunk_size):
                 self.link.publish(self.topics.update(self.opts.client_id), chunk)
 
-    # ------------------------------------------------------------------------------------------ the model
-    def _ensure_version(self, manifest: Manifest) -> dict[str, torch.Tensor]:
-        """The shared state of `manifest.version`: kept, or old + delta, or read from the full ONNX; the result
-        must hash to manifest.state_sha256 in every case."""
-        template = self.model.state_dict()
-        full_spec = tensor_spec({k: template[k] for k in shared_keys(template, partial=False)})
-        shared = shared_keys(template, self.cfg.partial)
-        held = self.state.load_tensors("global")
-        if held is not None and self.state.meta.get("version") == manifest.version \
-                and state_sha256(held) == manifest.state_sha256:
-            return self._complete(held)
-        if held is not None and manifest.delta and manifest.delta_base_version == self.state.meta.get("version"):
-            try:
-                delta = decode_tensors(self._fetch(manifest.delta.sha256, manifest.delta.size),
-                                       tensor_spec(held), max_bytes=MAX_ARTIFACT_BYTES)
-                new = apply_delta(held, delta)
-                if state_sha256(new) != manifest.state_sha256:
-                    raise ValidationError("state_hash", "delta applied to version "
-                                          f"{manifest.delta_base_version} does not give the published state")
-                return self._adopt(manifest, new)
-            except (ValidationError, ArtifactError) as exc:
-                log.warning("%s: refused the delta (%s); taking the full model", self.opts.client_id, exc)
-        own = self.state.load_tensors("own") if self.cfg.partial else None
-        ref = manifest.predictor if (self.cfg.partial and own is not None) else manifest.model
-        blob = self._fetch(ref.sha256, ref.size)
-        spec = {k: v for k, v in full_spec.items() if k in shared} if ref is manifest.predictor else full_spec
-        try:
-            state = state_from_onnx(blob, spec, max_bytes=MAX_ARTIFACT_BYTES)
-        except ValidationError as exc:
-            raise ArtifactError(f"model ONNX refused: {exc}") from exc
-        if self.cfg.partial and own is None:  # a new device: its theta^f starts as the published initial one
-            template = self.model.state_dict()
-            self.state.save_tensors("own", {k: state.get(k, v) for k, v in template.items()})
-        new = {k: state[k] for k in shared}
-        if state_sha256(new) != manifest.state_sha256:
-            raise ArtifactError("the full model does not hash to the manifest's state_sha256")
-        return self._adopt(manifest, new)
-
-    def _adopt(self, manifest: Manifest, shared_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.state.save_tensors("global", shared_state)
-        self.state.meta["version"] = manifest.version
-        self.state.save_meta()
-        self._announce()
-        return self._complete(shared_state)
-
-    def _complete(self, shared_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A full state dict for the model: shared entries plus (integer buffers, or theta^f in partial mode)
-        the model's template values; client_start_state then substitutes the device's own theta^f."""
-        template = {k: v.clone() for k, v in self.model.state_dict().items()}
-        template.update(shared_state)
-        return template
-
-    def _generator(self, manifest: Manifest) -> OnnxGenerator | None:
-        ref = manifest.generator
-        if self.generator is not None and self.generator[0] == ref.sha256:
-            return self.generator[1]
-        try:
-            sampler = OnnxGenerator(self._fetch(ref.sha256, ref.size), noise_dim=self.cfg.noise_dim,
-                                    latent_dim=self.model.latent_dim, num_classes=self.model.num_classes)
-        except (ValidationError, ArtifactError) as exc:
-            log.warning("%s: refused the generator (%s); training without it this round", self.opts.client_id, exc)
-            return None
-        self.generator = (ref.sha256, sampler)
-        return sampler
-
+    # ------------------------------------------------------------------------------------------ artifacts
     def _fetch(self, sha: str, size: int) -> bytes:
         """Collect an artifact's retained chunks, reassemble it and check its sha256."""
         if size > MAX_ARTIFACT_BYTES:

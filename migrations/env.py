@@ -7,6 +7,7 @@ A caller may also hand over an open connection as ``config.attributes["connectio
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from logging.config import fileConfig
 from pathlib import Path
@@ -17,10 +18,9 @@ from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 
-# Make the repository importable when alembic is run from the command line.
-_REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+# `alembic` run by hand from a checkout: make the repository importable (installed, the package is anyway).
+if importlib.util.find_spec("server_api") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server_api.db.engine import database_url, make_engine  # noqa: E402 (after the sys.path line above)
 from server_api.db.models import Base, UTCDateTime  # noqa: E402

@@ -13,6 +13,10 @@ Variable                     Default                    Meaning
 ``FEDGEN_HOST``              ``127.0.0.1``              where the REST API listens
 ``FEDGEN_PORT``              ``8000``                   its port
 ``FEDGEN_MAX_UPLOAD_BYTES``  16 MiB                     largest request body / client upload
+``FEDGEN_DATA_DIR``          unset                      datasets (server-side evaluation)
+``FEDGEN_CLIENT_ID``         ``fedgen-server``          MQTT client id (one per server process)
+``FEDGEN_INGEST_GROUP``      unset                      secret share group (``--shared-subscription``)
+``FEDGEN_PARTITION_RELEASE_S`` 600                      a partition index of a device offline this long is free
 ===========================  =========================  ========================================
 
 Without an admin token the write endpoints answer 503.
@@ -33,6 +37,7 @@ from sqlalchemy.engine import make_url
 
 from server_api.db.engine import database_url as resolve_database_url
 from server_api.db.engine import normalise_url
+from shared.protocol.ids import ID_REGEX
 
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024
 
@@ -45,7 +50,7 @@ def mask_url_password(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``; unparseable URLs are masked entirely."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - never leak a malformed URL that may hold a password
+    except Exception:  # never leak a malformed URL that may hold a password
         return "<unparseable URL>"
 
 
@@ -64,13 +69,18 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, ge=1)
+    data_dir: Path | None = None
+    client_id: str = Field(default="fedgen-server", pattern=ID_REGEX)
+    ingest_group: SecretStr | None = None
+    partition_release_s: float = Field(default=600.0, ge=0, le=10**7)
 
     @field_validator("database_url")
     @classmethod
     def _normalise_database_url(cls, value: str) -> str:
         return normalise_url(value)
 
-    @field_validator("broker_username", "broker_password", "admin_token", "broker_tls_ca", mode="before")
+    @field_validator("broker_username", "broker_password", "admin_token", "broker_tls_ca", "data_dir",
+                     "ingest_group", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         """An empty variable (``FEDGEN_ADMIN_TOKEN=``) means "not set", never "the empty token"."""

@@ -17,6 +17,8 @@ import paho.mqtt.client as paho
 
 log = logging.getLogger("fedgen.mqtt")
 FAILURE_LOG_INTERVAL_S = 60.0  # the same connection failure is logged at most once per interval
+KICK_WINDOW_S = 60.0  # this many short-lived connections within this window: another client has our id
+KICKS = 3
 
 
 def describe_connect_error(exc: BaseException | None, tls: bool) -> str:
@@ -52,7 +54,11 @@ class BrokerAddress:
         tls = parsed.scheme in ("mqtts", "ssl")
         if not parsed.hostname:
             raise ValueError(f"broker URL {url!r} has no host")
-        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
+        try:
+            port = parsed.port
+        except ValueError as exc:  # "Port out of range 0-65535", "Port could not be cast to integer value"
+            raise ValueError(f"broker URL {url!r}: {exc}") from None
+        return cls(parsed.hostname, port or (8883 if tls else 1883), tls)
 
 
 @dataclass
@@ -100,6 +106,9 @@ class MqttLink:
         client.on_publish = self._handle_publish
         self._acks = threading.Condition()
         self._acked: dict[int, float] = {}  # message id -> when its PUBACK arrived (at most 65535 entries)
+        self._stopping = False
+        self._connected_at = 0.0
+        self._short_lived: list[float] = []  # when connections that lasted under 5 s ended
         self._client = client
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -114,6 +123,7 @@ class MqttLink:
 
     def stop(self) -> None:
         """Disconnect cleanly (the broker does not publish the will) and stop the network thread."""
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
@@ -170,12 +180,12 @@ class MqttLink:
         log.error("%s: cannot connect to %s:%d: %s (attempt %d; retrying)", self.client_id, self.address.host,
                   self.address.port, reason, self._failures)
 
-    def _handle_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+    def _handle_connect_fail(self, client, userdata) -> None:
         # paho calls this from inside its `except OSError:` around the connection attempt (socket, TLS
         # handshake), so the exception is the one being handled; paho itself does not pass it on.
         self._report_failure(describe_connect_error(sys.exc_info()[1], self._tls))
 
-    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             hint = ""
             if reason_code.value in (0x84, 0x86, 0x87, 4, 5):  # bad user name or password / not authorized
@@ -190,6 +200,7 @@ class MqttLink:
             log.info("%s: connected after %d failed attempt(s)", self.client_id, self._failures)
         self._failures, self._reported = 0, None
         self.last_error = None
+        self._connected_at = time.monotonic()
         self.connected.set()
         log.info("%s connected to %s:%d (session present: %s)", self.client_id, self.address.host,
                  self.address.port, flags.session_present)
@@ -199,15 +210,25 @@ class MqttLink:
             except Exception:  # a hook must not kill paho's network thread
                 log.exception("on-connect hook failed")
 
-    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
-        if self.connected.is_set():
-            log.warning("%s disconnected from the broker (%s); reconnecting", self.client_id, reason_code)
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
+        if self._stopping:
+            return
+        now = time.monotonic()
+        if was_connected and now - self._connected_at < 5.0:
+            self._short_lived = [t for t in self._short_lived if now - t < KICK_WINDOW_S] + [now]
+            if len(self._short_lived) == KICKS:
+                log.error("%s: the broker closed %d connections within seconds of opening them: another client "
+                          "is probably using the client id %r (each connection replaces the other); give every "
+                          "device its own id (and state directory)", self.client_id, KICKS, self.client_id)
+        if was_connected:
+            log.warning("%s disconnected from the broker (%s); reconnecting", self.client_id, reason_code)
 
-    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._acks:
             self._acked[mid] = time.monotonic()
             self._acks.notify_all()
 
-    def _handle_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+    def _handle_message(self, client, userdata, msg) -> None:
         self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))

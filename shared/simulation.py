@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from shared.aggregate import select_clients
-from shared.config import AlgorithmConfig
-from shared.data import load_dataset
-from shared.federation import GlobalState, RoundAccumulator, client_start_state
-from shared.local import EvalResult, evaluate, local_update, round_seed
-from shared.partition import PartitionConfig, UserData, partition
-from shared.wire import encode_tensors
+from shared.algorithm.aggregate import select_clients
+from shared.algorithm.config import AlgorithmConfig
+from shared.algorithm.federation import GlobalState, RoundAccumulator, client_start_state
+from shared.algorithm.local import EvalResult, evaluate, local_update
+from shared.algorithm.schedule import round_seed
+from shared.data.datasets import load_dataset
+from shared.data.partition import PartitionSpec, UserData, partition
+from shared.protocol.tensors import encode_tensors
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,34 @@ class SimulationConfig:
     rounds: int = 200
     active: int = 10
     seed: int = 0
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    partition: PartitionSpec = field(default_factory=PartitionSpec)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("data_dir")  # where the files are is not part of the experiment
-        return out
+        """The experiment (where the files are is not part of it)."""
+        return {"dataset": self.dataset, "rounds": self.rounds, "active": self.active, "seed": self.seed,
+                "partition": msgspec.to_builtins(self.partition), "algorithm": self.algorithm.to_dict()}
+
+
+def download_bytes(state: GlobalState) -> int:
+    """Bytes one selected client downloads: the shared model, plus generator and p_hat(y) once trained
+    (as safetensors; the fleet counts its real ONNX and delta sizes instead)."""
+    size = len(encode_tensors(state.shared_state()))
+    if state.generator is not None and state.generator_trained:
+        payload = dict(state.generator.state_dict())
+        payload["label_prior"] = torch.as_tensor(state.prior.probabilities(), dtype=torch.float32)
+        size += len(encode_tensors(payload))
+    return size
+
+
+BEST5_KEY = "best5_mean_accuracy"  # the mean accuracy of the 5 best rounds (not top-5 classification accuracy)
+LEGACY_BEST5_KEY = "top5_accuracy"  # its name in run files written before 2026-12
+
+
+def best5_mean_accuracy(run: dict) -> float | None:
+    """A run file's mean accuracy of its 5 best rounds, under its current or its old name."""
+    value = run.get(BEST5_KEY, run.get(LEGACY_BEST5_KEY))
+    return None if value is None else float(value)
 
 
 def top_k_mean(values: list[float], k: int = 5) -> float:
@@ -63,7 +86,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
     """Run `cfg.rounds` rounds and return the run.json document."""
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     if users is None:
-        users = partition(dataset, cfg.partition)
+        users = partition(dataset, cfg.partition.resolve(dataset.info.name, cfg.seed))
     if cfg.active > len(users):
         raise ValueError(f"active={cfg.active} exceeds users={len(users)}")
     algo = cfg.algorithm
@@ -76,7 +99,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
                disable=not progress, unit="round")
     for r in bar:
         selected = select_clients([u.user for u in users], cfg.active, cfg.seed, r)
-        bytes_down = state.download_bytes() * len(selected)
+        bytes_down = download_bytes(state) * len(selected)
         sampler, prior = state.sampler(), state.prior.probabilities()
         acc, bytes_up, train_losses = RoundAccumulator(), 0, []
         for k in selected:
@@ -104,7 +127,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
         "config": cfg.to_dict(),
         "rounds": rounds,
         "final_accuracy": accuracies[-1] if accuracies else math.nan,
-        "top5_accuracy": top_k_mean(accuracies, 5),
+        BEST5_KEY: top_k_mean(accuracies, 5),
         "seconds": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
     }

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from paho.mqtt.client import CallbackAPIVersion, Client, MQTTMessage, MQTTv311
 
-from server_api.broker_process import BrokerProcess, TLSFiles, find_mosquitto, start_mosquitto
+from server_api.devfleet.broker_process import BrokerProcess, TLSFiles, find_mosquitto, start_mosquitto
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BROKER_DIR = REPO_ROOT / "broker"

@@ -49,7 +49,7 @@ def postgres_admin_url() -> URL:
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no PostgreSQL here"
+    except Exception as exc:  # any failure to connect means "no PostgreSQL here"
         reason = (
             f"PostgreSQL not reachable at {url!r} (set {POSTGRES_URL_ENV}): {type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from server_api.fleet import Fleet, FleetConfig
+from server_api.devfleet.fleet import Fleet, FleetConfig
 
 
 @pytest.fixture
-def fleet_maker(mosquitto_dev, tmp_path) -> Iterator[Callable[[FleetConfig], Fleet]]:  # noqa: ANN001
+def fleet_maker(mosquitto_dev, tmp_path) -> Iterator[Callable[[FleetConfig], Fleet]]:
     made: list[Fleet] = []
 
     def make(cfg: FleetConfig) -> Fleet:

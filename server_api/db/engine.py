@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic import command
@@ -24,14 +23,14 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from server_api.resources import shipped_dir
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 ENV_VAR = "FEDGEN_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite:///fedgen.db"
-# migrations/ lives at the repository root, two levels above this package.
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 POSTGRES_CONNECT_TIMEOUT_S = 10
@@ -144,10 +143,11 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic ``Config`` for the repository's migrations/ folder and ``database_url(url)``."""
-    if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise FileNotFoundError(f"Alembic migrations not found at {MIGRATIONS_DIR}")
+    migrations = shipped_dir("migrations")
+    if not (migrations / "env.py").is_file():
+        raise FileNotFoundError(f"Alembic migrations not found at {migrations}")
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(migrations))
     # ConfigParser interpolates '%': escape it (URL-encoded passwords contain it).
     config.set_main_option("sqlalchemy.url", database_url(url).replace("%", "%%"))
     return config
@@ -203,14 +203,14 @@ def retry_attempts(
             if not is_transient(exc):
                 raise
             if number == attempts:
-                log.error("database operation failed %d time(s), giving up: %s", attempts, _short(exc))
+                log.error("database operation failed %d time(s), giving up: %s", attempts, short_db_error(exc))
                 raise
             wait = min(delay * backoff ** (number - 1), max_delay)
             log.warning(
                 "database operation failed (attempt %d/%d): %s; retrying in %.2fs",
                 number,
                 attempts,
-                _short(exc),
+                short_db_error(exc),
                 wait,
             )
             time.sleep(wait)
@@ -263,7 +263,8 @@ def in_transaction(
     return retrying(unit, attempts, delay, **retry_kwargs)
 
 
-def _short(exc: BaseException) -> str:
+def short_db_error(exc: BaseException) -> str:
+    """A one-line description of a database error, without SQL, parameters or URLs."""
     orig = getattr(exc, "orig", None) or exc
-    lines = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {lines[0] if lines else ''}"
+    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {first[:200]}" if first else type(orig).__name__

@@ -16,7 +16,6 @@ docs/database.md describes every column. Rules that hold for all tables:
 from __future__ import annotations
 
 import enum
-import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,9 +40,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column, relationship, validates
 
-JOB_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+from shared.protocol.ids import MAX_ID_LENGTH, is_valid_id
+
 SHA256_LENGTH = 64
-CLIENT_ID_LENGTH = 128
+CLIENT_ID_LENGTH = 128  # wider than the id pattern (MAX_ID_LENGTH); kept so that no migration is needed
 IDEMPOTENCY_KEY_LENGTH = 128
 
 # Deterministic constraint names, so that later (batch) migrations can refer to them on every backend.
@@ -62,10 +62,10 @@ def utcnow() -> datetime:
 
 
 def validate_job_id(job_id: str) -> str:
-    """Return ``job_id`` if it is a valid slug (``[a-z0-9][a-z0-9-_]{0,62}``), else raise ValueError."""
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+    """Return ``job_id`` if it is a valid id (`shared.protocol.ids`), else raise ValueError."""
+    if not is_valid_id(job_id):
         raise ValueError(
-            f"invalid job id {job_id!r}: use 1-63 characters of a-z, 0-9, '-' and '_', "
+            f"invalid job id {job_id!r}: use 1-63 characters of A-Z, a-z, 0-9, '.', '-' and '_', "
             "starting with a letter or digit"
         )
     return job_id
@@ -103,8 +103,10 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 class JobStatus(str, enum.Enum):
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"  # the open round finishes; no new one opens until resumed
     FINISHED = "finished"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class ClientStatus(str, enum.Enum):
@@ -168,7 +170,7 @@ class Job(Base):
         CheckConstraint("current_round >= 0", name="current_round_nonnegative"),
     )
 
-    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False, default=dict)
     status: Mapped[JobStatus] = mapped_column(
         _enum_type(JobStatus), nullable=False, default=JobStatus.CREATED, server_default="created"
@@ -326,7 +328,6 @@ class ModelVersion(Base):
     model_onnx_sha256: Mapped[str] = _sha_column(nullable=False)
     predictor_onnx_sha256: Mapped[str] = _sha_column(nullable=False)
     generator_onnx_sha256: Mapped[str | None] = _sha_column(nullable=True)
-    generator_state_sha256: Mapped[str | None] = _sha_column(nullable=True)
     server_state_sha256: Mapped[str | None] = _sha_column(nullable=True)
     delta_sha256: Mapped[str | None] = _sha_column(nullable=True)
     delta_base_version: Mapped[int | None] = mapped_column(Integer, nullable=True)

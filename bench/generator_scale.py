@@ -1,0 +1,117 @@
+"""FedGen's generator training against the number of clients in a round: the teacher term over K predictors
+batched into one vmap call (what `train_generator` does) beside the loop over clients it replaced, side by side
+in one run. Writes bench/results/generator_scale.md.
+
+    python bench/generator_scale.py [--clients 10,100,1000,10000] [--loop-up-to 1000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from shared.algorithm.config import AlgorithmConfig  # noqa: E402
+from shared.algorithm.distill import (  # noqa: E402
+    diversity_loss,
+    label_weights,
+    make_generator,
+    make_generator_optimizer,
+    train_generator,
+)
+from shared.algorithm.models import LATENT_DIM, sample_noise  # noqa: E402
+
+NUM_CLASSES = 10
+
+
+def client_states(k: int, seed: int) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
+    gen = torch.Generator().manual_seed(seed)
+    states = [{"predictor.weight": 0.1 * torch.randn(NUM_CLASSES, LATENT_DIM, generator=gen),
+               "predictor.bias": 0.1 * torch.randn(NUM_CLASSES, generator=gen)} for _ in range(k)]
+    counts = np.random.default_rng(seed).integers(0, 100, (k, NUM_CLASSES))
+    return states, counts
+
+
+def looped(states: list[dict[str, torch.Tensor]], counts: np.ndarray, cfg: AlgorithmConfig) -> None:
+    """The per-client loop (the implementation before batching), for comparison."""
+    generator = make_generator(NUM_CLASSES, LATENT_DIM, cfg, seed=1)
+    optimizer = make_generator_optimizer(generator, cfg)
+    rng = torch.Generator().manual_seed(0)
+    available = torch.as_tensor(np.flatnonzero(counts.sum(axis=0) > 0))
+    weights = torch.as_tensor(label_weights(counts), dtype=torch.float32)
+    for _ in range(cfg.generator_steps):
+        y = available[torch.randint(len(available), (cfg.generator_batch_size,), generator=rng)]
+        noise = sample_noise(len(y), generator.noise_dim, rng)
+        z = generator(noise, y)
+        teacher = torch.zeros(())
+        for k, state in enumerate(states):
+            logits = F.linear(z, state["predictor.weight"], state["predictor.bias"])
+            teacher = teacher + (weights[k, y] * F.cross_entropy(logits, y, reduction="none")).mean()
+        loss = teacher + cfg.diversity_weight * diversity_loss(noise, z)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def batched(states: list[dict[str, torch.Tensor]], counts: np.ndarray, cfg: AlgorithmConfig) -> None:
+    generator = make_generator(NUM_CLASSES, LATENT_DIM, cfg, seed=1)
+    train_generator(generator, make_generator_optimizer(generator, cfg), nn.Linear(LATENT_DIM, NUM_CLASSES),
+                    states, counts, cfg, 0, torch.Generator().manual_seed(0))
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="10,100,1000,10000")
+    parser.add_argument("--loop-up-to", type=int, default=1000, help="time the loop only up to this many clients")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generator_scale.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = AlgorithmConfig(algorithm="fedgen")
+    rows = []
+    for k in (int(x) for x in args.clients.split(",")):
+        states, counts = client_states(k, seed=k)
+        fast = median_seconds(lambda: batched(states, counts, cfg), args.repeats)
+        slow = median_seconds(lambda: looped(states, counts, cfg), args.repeats) if k <= args.loop_up_to else None
+        rows.append((k, fast, slow))
+        print(f"{k:>6} clients: batched {fast:.3f} s" + (f", loop {slow:.3f} s ({slow / fast:.1f}x)" if slow else ""),
+              flush=True)
+    base = rows[0][1]
+    lines = ["# FedGen generator training against the clients in a round", "",
+             f"`python bench/generator_scale.py --clients {args.clients} --repeats {args.repeats}` on "
+             f"{platform.machine()}, {platform.python_version()}, torch {torch.__version__}, 1 thread; "
+             f"{cfg.generator_steps} Adam steps of batch {cfg.generator_batch_size}, the reference CNN's predictor "
+             f"({LATENT_DIM} -> {NUM_CLASSES}). Median of {args.repeats} runs, loop and batched side by side in one "
+             "run (a shared, noisy machine: compare the ratios).", "",
+             "| clients | batched (s) | vs the smallest round | loop over clients (s) | loop / batched |",
+             "|---|---|---|---|---|"]
+    for k, fast, slow in rows:
+        lines.append(f"| {k:,} | {fast:.3f} | {fast / base:.1f}x | {'' if slow is None else f'{slow:.3f}'} | "
+                     f"{'' if slow is None else f'{slow / fast:.1f}x'} |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""Start and control an MQTT broker process for the fleet command and the test suite.
+
+Two back ends:
+
+* :func:`start_mosquitto` runs the real ``mosquitto`` binary from one of the project's
+  config files (``broker/mosquitto/dev.conf`` or ``prod.conf``).  The project file is
+  never edited: a *derived* config is written into ``workdir`` that overrides only the
+  listener port(s) and bind address, the persistence location, the TLS / password / ACL
+  file paths, the ``user`` to run as and the log destination.  Every other setting
+  (queue limits, ``allow_anonymous`` ...) is kept exactly as written, so tests exercise
+  the real policy.
+* :func:`start_embedded_broker` runs the project's own pure-Python MQTT 3.1.1 broker
+  (:mod:`server_api.devfleet.embedded`, standard library only) in a subprocess, for machines
+  without a ``mosquitto`` binary.  Development and tests only: no TLS, no ACL.
+
+:func:`start_broker` picks one.  Every function returns a :class:`BrokerProcess`, which
+is a context manager with ``url``, ``port``, ``stop()``, ``kill()`` and ``restart()``.
+
+Running this module starts a broker in the foreground::
+
+    python -m server_api.devfleet.broker_process mosquitto broker/mosquitto/dev.conf --workdir state/dev
+    python -m server_api.devfleet.broker_process embedded --port 1883
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from server_api.resources import dev_broker_config
+
+_log = logging.getLogger("fedgen.broker")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_START_TIMEOUT = 10.0
+MOSQUITTO_FALLBACK_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
+TLS_KEYS = frozenset({"cafile", "capath", "certfile", "keyfile", "crlfile"})
+# Settings that belong to the preceding `listener` line (mosquitto.conf(5), 2.0); any other
+# setting written after a listener is global and is moved to the global section.
+LISTENER_KEYS = TLS_KEYS | frozenset({
+    "bind_interface", "ciphers", "ciphers_tls1.3", "dhparamfile", "http_dir", "max_connections",
+    "max_topic_alias", "mount_point", "protocol", "psk_hint", "require_certificate", "socket_domain",
+    "tls_engine", "tls_engine_kpass_sha1", "tls_keyform", "tls_version", "use_identity_as_username",
+    "use_subject_as_username", "use_username_as_clientid", "websockets_headers_size", "websockets_log_level",
+})
+# Keys the derived config drops from the project config and writes itself.
+_DROPPED_GLOBAL_KEYS = frozenset({
+    "port", "bind_address", "persistence_location", "password_file", "acl_file",
+    "user", "log_dest", "pid_file",
+})
+
+
+class BrokerStartError(RuntimeError):
+    """The broker did not start or did not accept connections in time."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Certificate paths for a config's TLS listener (``port=None``: pick a free one)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    port: int | None = None
+
+
+def find_free_port(host: str = DEFAULT_HOST) -> int:
+    """Return a TCP port on ``host`` that was free a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def find_mosquitto() -> str | None:
+    """Locate the ``mosquitto`` binary on PATH or in the usual sbin directories."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for directory in MOSQUITTO_FALLBACK_DIRS:
+        candidate = Path(directory) / "mosquitto"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
+    """True when a TCP connection to ``host:port`` succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class BrokerProcess:
+    """A broker running as a child process; restartable on the same ports and state."""
+
+    argv: list[str]
+    workdir: Path
+    host: str
+    port: int
+    tls_port: int | None = None
+    extra_ports: list[int] = field(default_factory=list)
+    kind: str = "mosquitto"
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str | None:
+        return None if self.tls_port is None else f"mqtts://{self.host}:{self.tls_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.kind}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def all_ports(self) -> list[int]:
+        ports = [self.port, *self.extra_ports]
+        return ports if self.tls_port is None else [*ports, self.tls_port]
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the broker's log (stdout and stderr)."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log written)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> BrokerProcess:
+        """Spawn the process and wait until every listener accepts connections."""
+        if self.running:
+            raise BrokerStartError(f"{self.kind} broker already running (pid {self.pid})")
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(  # argv is built by this module
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, cwd=self.cwd, start_new_session=True,
+            )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        pending = self.all_ports()
+        while pending:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BrokerStartError(
+                    f"{self.kind} exited with code {self.proc.returncode} during start-up "
+                    f"(argv: {' '.join(self.argv)}). Log tail:\n{self.log_tail()}")
+            pending = [p for p in pending if not port_accepts(self.host, p)]
+            if pending and time.monotonic() > deadline:
+                self.kill()
+                raise BrokerStartError(
+                    f"{self.kind} did not accept connections on {self.host}:{pending} within "
+                    f"{self.start_timeout:.0f}s. Log tail:\n{self.log_tail()}")
+            if pending:
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop (SIGTERM): Mosquitto writes its persistence file on the way out."""
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """Hard stop (SIGKILL): anything not yet autosaved is lost, like a power cut."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def restart(self) -> BrokerProcess:
+        """Stop gracefully and start again on the same ports with the same persistence."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> BrokerProcess:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- config rewriting
+
+
+@dataclass
+class _Block:
+    """A run of config lines: the global section (``header is None``) or one listener."""
+
+    header: list[str] | None
+    lines: list[str] = field(default_factory=list)
+
+    def keys(self) -> set[str]:
+        return {ln.split()[0] for ln in self.lines}
+
+    @property
+    def is_tls(self) -> bool:
+        return bool(self.keys() & TLS_KEYS)
+
+
+def _split_blocks(text: str) -> list[_Block]:
+    """Split a Mosquitto config into the global block and one block per ``listener``."""
+    blocks = [_Block(None)]
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = line.split()
+        if words[0] == "listener":
+            blocks.append(_Block(words))
+        elif words[0] in LISTENER_KEYS:
+            blocks[-1].lines.append(line)
+        else:
+            blocks[0].lines.append(line)
+    return blocks
+
+
+def _resolve(value: str, base: Path) -> str:
+    path = Path(value)
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _global_lines(block: _Block, base: Path) -> list[str]:
+    """Keep settings, dropping the ones the derived config writes itself."""
+    kept = []
+    for line in block.lines:
+        key = line.split()[0]
+        if key in _DROPPED_GLOBAL_KEYS or key in TLS_KEYS:
+            continue
+        if key in {"include_dir", "plugin"}:
+            line = f"{key} {_resolve(line.split(None, 1)[1], base)}"
+        kept.append(line)
+    return kept
+
+
+def _run_as_user() -> str | None:
+    """Mosquitto started as root drops to user ``mosquitto`` unless told otherwise."""
+    if os.geteuid() != 0:
+        return None
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+@dataclass
+class _Derived:
+    text: str
+    port: int
+    tls_port: int | None
+    extra_ports: list[int]
+
+
+def derive_mosquitto_config(config: Path, workdir: Path, host: str = DEFAULT_HOST, port: int | None = None,
+                            tls: TLSFiles | None = None, password_file: Path | None = None,
+                            acl_file: Path | None = None) -> _Derived:
+    """Build the derived config text; see :func:`start_mosquitto` for the rules."""
+    base = config.resolve().parent
+    blocks = _split_blocks(config.read_text(encoding="utf-8"))
+    glob, listeners = blocks[0], blocks[1:]
+    if not listeners:
+        raise BrokerStartError(f"{config}: no 'listener' line; the project configs must declare one")
+    if tls is not None and not any(b.is_tls for b in listeners):
+        raise BrokerStartError(f"{config}: TLS files given but the config has no TLS listener")
+    out = [f"# Derived from {config.resolve()} by server_api/devfleet/broker_process.py -- do not edit",
+           *_global_lines(glob, base)]
+    out += _auth_lines(glob, base, password_file, acl_file)
+    out += [f"persistence_location {workdir.resolve()}/", "log_dest stderr"]
+    if (user := _run_as_user()) is not None:
+        out.append(f"user {user}")
+    plain_port, tls_port, extra = _listener_lines(listeners, host, port, tls, out)
+    return _Derived("\n".join(out) + "\n", plain_port, tls_port, extra)
+
+
+def _auth_lines(glob: _Block, base: Path, password_file: Path | None, acl_file: Path | None) -> list[str]:
+    """password_file / acl_file: the argument wins, else the config's (resolved) path."""
+    lines = []
+    for key, override in (("password_file", password_file), ("acl_file", acl_file)):
+        configured = [ln.split(None, 1)[1] for ln in glob.lines if ln.split()[0] == key]
+        if override is not None:
+            lines.append(f"{key} {Path(override).resolve()}")
+        elif configured:
+            lines.append(f"{key} {_resolve(configured[-1], base)}")
+    return lines
+
+
+def _listener_lines(listeners: list[_Block], host: str, port: int | None, tls: TLSFiles | None,
+                    out: list[str]) -> tuple[int, int | None, list[int]]:
+    """Append listener blocks with new ports to ``out``; TLS blocks only when ``tls`` is given."""
+    plain_port: int | None = None
+    tls_port: int | None = None
+    extra: list[int] = []
+    for block in listeners:
+        if block.is_tls:
+            if tls is None or tls_port is not None:
+                continue  # no certificates supplied (or a second TLS listener): leave it out
+            tls_port = tls.port or find_free_port(host)
+            body = [ln for ln in block.lines if ln.split()[0] not in TLS_KEYS]
+            body += [f"cafile {tls.cafile.resolve()}", f"certfile {tls.certfile.resolve()}",
+                     f"keyfile {tls.keyfile.resolve()}"]
+            out += ["", f"listener {tls_port} {host}", *body]
+            continue
+        if plain_port is None:
+            plain_port = port or find_free_port(host)
+            chosen = plain_port
+        else:
+            chosen = find_free_port(host)
+            extra.append(chosen)
+        out += ["", f"listener {chosen} {host}", *block.lines]
+    if plain_port is None:
+        raise BrokerStartError("the config has no plain (non-TLS) listener")
+    return plain_port, tls_port, extra
+
+
+def start_mosquitto(config: Path, workdir: Path, port: int | None = None, tls: TLSFiles | None = None, *,
+                    password_file: Path | None = None, acl_file: Path | None = None,
+                    host: str = DEFAULT_HOST, start_timeout: float = DEFAULT_START_TIMEOUT,
+                    mosquitto: str | None = None) -> BrokerProcess:
+    """Start ``mosquitto -c <derived config>`` and wait until it accepts connections.
+
+    The derived config (``workdir/mosquitto.conf``) keeps every setting of ``config`` except:
+
+    * each ``listener`` is rebound to ``host``; the first plain listener gets ``port``
+      (a free port when ``None``), further plain listeners get free ports;
+    * TLS listeners (those with cafile/certfile/keyfile) are kept only when ``tls`` is
+      given, with its certificate paths and ``tls.port`` (free port when ``None``);
+    * ``persistence_location`` becomes ``workdir``; ``log_dest`` becomes stderr, captured
+      in ``workdir/mosquitto.log``; ``pid_file`` is dropped;
+    * ``password_file`` / ``acl_file`` come from the arguments, else from ``config``
+      (relative paths resolved against the config file's directory);
+    * when running as root, ``user`` is set to root's name so the broker can read the
+      work directory (Mosquitto otherwise drops privileges to user ``mosquitto``).
+    """
+    exe = mosquitto or find_mosquitto()
+    if exe is None:
+        raise BrokerStartError("mosquitto binary not found on PATH or in /usr/sbin; install it "
+                               "(apt-get install mosquitto) or use start_embedded_broker()")
+    workdir.mkdir(parents=True, exist_ok=True)
+    derived = derive_mosquitto_config(Path(config), workdir, host, port, tls, password_file, acl_file)
+    conf_path = workdir / "mosquitto.conf"
+    conf_path.write_text(derived.text, encoding="utf-8")
+    broker = BrokerProcess([exe, "-c", str(conf_path)], workdir, host, derived.port, derived.tls_port,
+                           derived.extra_ports, "mosquitto", start_timeout=start_timeout)
+    return broker.start()
+
+
+# --------------------------------------------------------------------------- embedded broker
+
+
+# Keyword arguments of start_broker() that the embedded broker understands.
+EMBEDDED_OPTIONS = frozenset({"host", "python", "start_timeout", "persistence", "max_queued_messages",
+                              "autosave_interval", "log_level"})
+
+
+def start_embedded_broker(port: int | None = None, workdir: Path | None = None, *, host: str = DEFAULT_HOST,
+                          python: str | None = None, start_timeout: float = DEFAULT_START_TIMEOUT,
+                          persistence: bool = True, max_queued_messages: int | None = None,
+                          autosave_interval: float | None = None,
+                          log_level: str = "info") -> BrokerProcess:
+    """Start the project's pure-Python broker (:mod:`server_api.devfleet.embedded`) in a subprocess.
+
+    Runs ``python -m server_api.devfleet.embedded --host HOST --port PORT`` (``python`` defaults
+    to this interpreter; nothing beyond the standard library is needed) with, when
+    ``persistence`` is true, ``--persistence workdir/embedded-broker.json``: retained messages
+    and persistent sessions survive ``stop()``/``restart()`` (same port, same file), and a
+    ``kill()`` loses what was not yet autosaved.  Plain TCP, no ACL: development and tests only;
+    see docs/broker.md ("Embedded broker").  The log is ``workdir/embedded.log``.
+    """
+    workdir = workdir or Path.cwd() / "state" / "embedded-broker"
+    workdir.mkdir(parents=True, exist_ok=True)
+    chosen = port or find_free_port(host)
+    project_root = Path(__file__).resolve().parents[2]  # the package's parent: importable from there
+    pythonpath = os.pathsep.join(filter(None, [str(project_root), os.environ.get("PYTHONPATH")]))
+    argv = [python or sys.executable, "-m", "server_api.devfleet.embedded", "--host", host, "--port", str(chosen),
+            "--log-level", log_level]
+    if persistence:
+        argv += ["--persistence", str((workdir / "embedded-broker.json").resolve())]
+    if max_queued_messages is not None:
+        argv += ["--max-queued", str(max_queued_messages)]
+    if autosave_interval is not None:
+        argv += ["--autosave-interval", str(autosave_interval)]
+    broker = BrokerProcess(argv, workdir, host, chosen, kind="embedded", env={**os.environ, "PYTHONPATH": pythonpath},
+                           cwd=project_root, start_timeout=start_timeout)
+    return broker.start()
+
+
+# --------------------------------------------------------------------------- chooser / CLI
+
+
+def start_broker(prefer: str = "mosquitto", config: Path | None = None, workdir: Path | None = None,
+                 port: int | None = None, **kwargs: object) -> BrokerProcess:
+    """Start Mosquitto when its binary exists (and ``prefer == "mosquitto"``), else the embedded broker.
+
+    ``config`` defaults to ``broker/mosquitto/dev.conf`` next to this package; ``workdir``
+    to ``./state/broker``.  Extra keyword arguments go to :func:`start_mosquitto`, or to
+    :func:`start_embedded_broker` when that one is started (a warning is logged); Mosquitto-only
+    options (``tls``, ``password_file``, ``acl_file`` ...) then raise :class:`BrokerStartError`
+    rather than being silently dropped.
+    """
+    if prefer not in {"mosquitto", "embedded"}:
+        raise ValueError(f"prefer must be 'mosquitto' or 'embedded', not {prefer!r}")
+    workdir = workdir or Path.cwd() / "state" / "broker"
+    if prefer == "mosquitto" and find_mosquitto() is not None:
+        config = config or dev_broker_config()
+        return start_mosquitto(config, workdir, port, **kwargs)  # type: ignore[arg-type]
+    unsupported = sorted(k for k, v in kwargs.items() if k not in EMBEDDED_OPTIONS and v is not None)
+    if unsupported:
+        raise BrokerStartError(f"the embedded broker (used because {_why_embedded(prefer)}) does not support "
+                               f"{', '.join(unsupported)}: it has no TLS, password file or ACL; install mosquitto")
+    _log.warning("starting the embedded MQTT broker (development only: no TLS, no ACL) because %s%s",
+                 _why_embedded(prefer), f"; {config} is not used" if config is not None else "")
+    return start_embedded_broker(port, workdir, **kwargs)  # type: ignore[arg-type]
+
+
+def _why_embedded(prefer: str) -> str:
+    return "prefer='embedded'" if prefer == "embedded" else "no mosquitto binary was found"
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m server_api.devfleet.broker_process", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mosquitto", help="run mosquitto from a project config (foreground)")
+    m.add_argument("config", type=Path)
+    m.add_argument("--workdir", type=Path, default=Path("state/broker"))
+    m.add_argument("--port", type=int)
+    m.add_argument("--host", default=DEFAULT_HOST)
+    sub.add_parser("embedded", add_help=False,
+                   help="run the embedded broker (foreground); options: python -m server_api.devfleet.embedded -h")
+    args, rest = p.parse_known_args(argv)
+    if args.cmd != "embedded" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.cmd == "embedded":
+        from server_api.devfleet.embedded import main as embedded_main
+
+        return embedded_main(args.rest)
+    broker = start_mosquitto(args.config, args.workdir, args.port, host=args.host)
+    print(f"mosquitto running at {broker.url} (log: {broker.log_path}); Ctrl-C to stop", flush=True)
+    try:
+        assert broker.proc is not None
+        broker.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

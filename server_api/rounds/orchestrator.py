@@ -1,0 +1,89 @@
+"""The round orchestrator: one MQTT connection for the server, one worker thread per running job."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from server_api.db import queries
+from server_api.db.engine import in_transaction
+from server_api.rounds.context import ServerContext
+from server_api.rounds.worker import JobWorker
+from shared.protocol.topics import ROOT, job_of
+
+log = logging.getLogger("fedgen.server")
+
+
+class Orchestrator:
+    """Starts a JobWorker for every job that is created or running, and routes each received message to the
+    worker of its job (the job id is the topic level after the protocol root).
+
+    With `share_group`, updates are received through the MQTT shared subscription ``$share/<group>/...``, so
+    that several server processes split the ingest; the group name is a secret of the servers (a device that
+    knew it could join the group and swallow other devices' uploads), see docs/broker.md.
+    """
+
+    def __init__(self, ctx: ServerContext, share_group: str | None = None):
+        self.ctx = ctx
+        self.workers: dict[str, JobWorker] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="mqtt-dispatch", daemon=True)
+        prefix = f"$share/{share_group}/" if share_group else ""
+        self.subscriptions = [f"{prefix}{ROOT}/+/clients/+/update", f"{ROOT}/+/clients/+/presence"]
+
+    def start(self) -> Orchestrator:
+        for topic in self.subscriptions:
+            self.ctx.link.subscribe(topic)
+        self._dispatcher.start()
+        for job_id in in_transaction(self.ctx.session_factory, queries.unfinished_job_ids):
+            self.job_created(job_id)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            worker.stop()
+        for worker in workers:
+            worker.join(timeout=10)
+
+    def job_created(self, job_id: str) -> None:
+        """Start running `job_id` (called by POST /jobs, and on start for unfinished jobs)."""
+        with self._lock:
+            if job_id in self.workers and self.workers[job_id].is_alive():
+                return
+            worker = JobWorker(job_id, self.ctx)
+            self.workers[job_id] = worker
+        worker.start()
+
+    def waiting(self, job_id: str) -> tuple[int, int] | None:
+        """(online, needed) while `job_id`'s next round waits for devices, else None."""
+        with self._lock:
+            worker = self.workers.get(job_id)
+        return worker.waiting if worker is not None and worker.is_alive() else None
+
+    def status(self) -> dict:
+        with self._lock:
+            running = sum(1 for w in self.workers.values() if w.is_alive() and not w.finished.is_set())
+        return {"broker": "connected" if self.ctx.link.connected.is_set() else "disconnected",
+                "jobs_running": running,
+                "database": "ok" if self.ctx.db_healthy.is_set() else "retrying"}
+
+    def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msg = self.ctx.link.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            job_id = job_of(msg.topic)
+            if job_id is None:
+                continue
+            with self._lock:
+                worker = self.workers.get(job_id)
+            if worker is not None and worker.is_alive():
+                worker.inbox.put(msg)
+            elif msg.topic.endswith("/update"):
+                log.warning("update on %s for a job that is not running; ignored", msg.topic[:200])

@@ -1,0 +1,337 @@
+"""The persistent state of one job, as the round engine sees it: `JobStore`.
+
+The engine never writes SQL: it reads and writes plain records through a `JobStore`. `SqlJobStore` is the
+real one (the named queries of `server_api.db.queries`, each call one committed transaction, retried while the
+database is away); tests use an in-memory store with the same interface (tests/server/memory_store.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from server_api.db import queries
+from server_api.db.engine import in_transaction
+from server_api.db.models import (
+    Artifact,
+    Client,
+    ClientStatus,
+    ClientUpdate,
+    Job,
+    JobStatus,
+    ModelVersion,
+    Round,
+    RoundStatus,
+    UpdateStatus,
+    utcnow,
+)
+
+T = TypeVar("T")
+DB_ATTEMPTS = 30  # ~ a few minutes of backoff: a PostgreSQL restart must not lose a round
+
+
+# ------------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    status: str
+    current_round: int
+    config: dict[str, Any]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """A model version and the sha256 of each of its blobs in the artifact store."""
+
+    version: int
+    round_index: int | None  # the round that produced it (None: the initial model)
+    state_sha256: str
+    model_onnx: str
+    predictor_onnx: str
+    server_state: str
+    generator_onnx: str | None = None
+    delta: str | None = None
+    delta_base_version: int | None = None
+
+    def blobs(self) -> dict[str, str]:
+        """kind -> sha256 of every blob the version has."""
+        named = {"model_onnx": self.model_onnx, "predictor_onnx": self.predictor_onnx,
+                 "server_state": self.server_state, "generator_onnx": self.generator_onnx, "delta": self.delta}
+        return {kind: sha for kind, sha in named.items() if sha}
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    id: int
+    index: int
+    attempt: int
+    status: str
+    selected: list[str]
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """One delivery of an update, accepted (with its payload in the store) or rejected (with the reason)."""
+
+    round_id: int
+    client_id: str
+    idempotency_key: str
+    status: str  # accepted | rejected
+    base_version: int = 0
+    num_samples: int = 0
+    label_counts: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    payload_sha256: str | None = None
+    payload_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What closing a round writes to its row."""
+
+    status: str  # closed | failed
+    num_updates: int
+    bytes_up: int
+    bytes_down: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    generator_loss: float | None = None
+    model_version: int | None = None
+    failure_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    client_id: str
+    status: str
+    num_samples: int | None
+    state_version: int | None
+    device_info: dict[str, Any]
+    last_seen: datetime | None = field(default=None, compare=False)
+
+
+class JobStore(Protocol):
+    """Everything the round engine reads and writes about one job. Each method is one unit of work."""
+
+    job_id: str
+
+    def job(self) -> JobRecord: ...
+    def set_job_status(self, status: str, error: str | None = None, finished: bool = False) -> None: ...
+    # versions
+    def latest_version(self) -> VersionRecord | None: ...
+    def version(self, number: int) -> VersionRecord | None: ...
+    def add_version(self, record: VersionRecord, sizes: dict[str, int],
+                    closes: tuple[int, RoundResult] | None = None) -> None: ...
+    # rounds
+    def attempt_count(self, index: int) -> int: ...
+    def unfinished_round(self, index: int) -> RoundRecord | None: ...
+    def create_round(self, index: int, attempt: int, selected: Sequence[str], deadline: datetime) -> int: ...
+    def set_round_status(self, round_id: int, status: str) -> None: ...
+    def finish_round(self, round_id: int, result: RoundResult) -> None: ...
+    def round_id(self, index: int, attempt: int) -> int | None: ...
+    def latest_round_id(self) -> int | None: ...
+    # updates
+    def find_update(self, key: str) -> UpdateRecord | None: ...
+    def add_update(self, record: UpdateRecord) -> bool: ...
+    def accepted_updates(self, round_id: int) -> list[UpdateRecord]: ...
+    # clients
+    def online_clients(self) -> list[ClientRecord]: ...
+    def all_clients(self) -> list[ClientRecord]: ...
+    def client(self, client_id: str) -> ClientRecord | None: ...
+    def save_client(self, record: ClientRecord) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------- SQL
+class SqlJobStore:
+    """`JobStore` on the server's database. `healthy` is cleared while a call is failing and set again when
+    one succeeds (what /health reports)."""
+
+    def __init__(self, job_id: str, factory: sessionmaker[Session], healthy: threading.Event | None = None):
+        self.job_id = job_id
+        self._factory = factory
+        self.healthy = healthy if healthy is not None else threading.Event()
+
+    def _tx(self, fn: Callable[[Session], T]) -> T:
+        try:
+            result = in_transaction(self._factory, fn, attempts=DB_ATTEMPTS, delay=0.2)
+        except Exception:
+            self.healthy.clear()
+            raise
+        self.healthy.set()
+        return result
+
+    # -------------------------------------------------------------------------------------- job
+    def job(self) -> JobRecord:
+        def read(s: Session) -> JobRecord:
+            job = s.get(Job, self.job_id)
+            if job is None:
+                raise LookupError(f"job {self.job_id} does not exist")
+            return JobRecord(job.id, job.status.value, job.current_round, dict(job.config), job.error)
+        return self._tx(read)
+
+    def set_job_status(self, status: str, error: str | None = None, finished: bool = False) -> None:
+        def write(s: Session) -> None:
+            job = s.get(Job, self.job_id)
+            job.status = JobStatus(status)
+            if error:
+                job.error = error[:2000]
+            if finished:
+                job.finished_at = utcnow()
+        self._tx(write)
+
+    # -------------------------------------------------------------------------------------- versions
+    def latest_version(self) -> VersionRecord | None:
+        return self._tx(lambda s: _version_record(queries.latest_version(s, self.job_id)))
+
+    def version(self, number: int) -> VersionRecord | None:
+        return self._tx(lambda s: _version_record(s.get(ModelVersion, (self.job_id, number))))
+
+    def add_version(self, record: VersionRecord, sizes: dict[str, int],
+                    closes: tuple[int, RoundResult] | None = None) -> None:
+        """The version row and its blobs' index rows; with `closes` (round id, result), in the same transaction
+        the round's row is closed and the job moves on to the next round."""
+        def write(s: Session) -> None:
+            for kind, sha in record.blobs().items():
+                if s.get(Artifact, sha) is None:
+                    s.add(Artifact(sha256=sha, size=sizes[kind], kind=kind))
+            s.add(ModelVersion(
+                job_id=self.job_id, version=record.version, round_index=record.round_index,
+                state_sha256=record.state_sha256, model_onnx_sha256=record.model_onnx,
+                predictor_onnx_sha256=record.predictor_onnx, generator_onnx_sha256=record.generator_onnx,
+                server_state_sha256=record.server_state, delta_sha256=record.delta,
+                delta_base_version=record.delta_base_version))
+            if closes is not None:
+                round_id, result = closes
+                row = _finish_round_row(s, round_id, result)
+                s.get(Job, self.job_id).current_round = row.index + 1
+        self._tx(write)
+
+    # -------------------------------------------------------------------------------------- rounds
+    def attempt_count(self, index: int) -> int:
+        return self._tx(lambda s: queries.attempt_count(s, self.job_id, index))
+
+    def unfinished_round(self, index: int) -> RoundRecord | None:
+        return self._tx(lambda s: _round_record(queries.unfinished_round(s, self.job_id, index)))
+
+    def create_round(self, index: int, attempt: int, selected: Sequence[str], deadline: datetime) -> int:
+        def write(s: Session) -> int:
+            row = Round(job_id=self.job_id, index=index, attempt=attempt, selected=list(selected),
+                        deadline=deadline, status=RoundStatus.OPEN)
+            s.add(row)
+            s.flush()
+            return row.id
+        return self._tx(write)
+
+    def set_round_status(self, round_id: int, status: str) -> None:
+        self._tx(lambda s: setattr(s.get(Round, round_id), "status", RoundStatus(status)))
+
+    def finish_round(self, round_id: int, result: RoundResult) -> None:
+        self._tx(lambda s: _finish_round_row(s, round_id, result))
+
+    def round_id(self, index: int, attempt: int) -> int | None:
+        return self._tx(lambda s: queries.round_id_of(s, self.job_id, index, attempt))
+
+    def latest_round_id(self) -> int | None:
+        return self._tx(lambda s: queries.latest_round_id(s, self.job_id))
+
+    # -------------------------------------------------------------------------------------- updates
+    def find_update(self, key: str) -> UpdateRecord | None:
+        return self._tx(lambda s: _update_record(queries.update_by_key(s, self.job_id, key)))
+
+    def add_update(self, record: UpdateRecord) -> bool:
+        """Insert the record unless an update with its idempotency key exists; True if it was inserted."""
+        def write(s: Session) -> bool:
+            if queries.update_by_key(s, self.job_id, record.idempotency_key) is not None:
+                return False
+            s.add(ClientUpdate(
+                job_id=self.job_id, round_id=record.round_id, client_id=record.client_id,
+                idempotency_key=record.idempotency_key, base_version=record.base_version,
+                num_samples=record.num_samples, label_counts=list(record.label_counts),
+                metrics=dict(record.metrics), status=UpdateStatus(record.status), reason=record.reason,
+                payload_sha256=record.payload_sha256, payload_bytes=record.payload_bytes))
+            s.flush()
+            return True
+        try:
+            return self._tx(write)
+        except IntegrityError:  # another server process stored the same key meanwhile
+            return False
+
+    def accepted_updates(self, round_id: int) -> list[UpdateRecord]:
+        return self._tx(lambda s: [_update_record(u) for u in queries.accepted_updates(s, round_id)])
+
+    # -------------------------------------------------------------------------------------- clients
+    def online_clients(self) -> list[ClientRecord]:
+        return self._tx(lambda s: [_client_record(c) for c in queries.online_clients(s, self.job_id)])
+
+    def all_clients(self) -> list[ClientRecord]:
+        return self._tx(lambda s: [_client_record(c) for c in queries.clients_of_job(s, self.job_id)])
+
+    def client(self, client_id: str) -> ClientRecord | None:
+        def read(s: Session) -> ClientRecord | None:
+            row = s.get(Client, (self.job_id, client_id))
+            return _client_record(row) if row is not None else None
+        return self._tx(read)
+
+    def save_client(self, record: ClientRecord) -> None:
+        """Insert or update the client's row; `last_seen` is now."""
+        def write(s: Session) -> None:
+            now = utcnow()
+            row = s.get(Client, (self.job_id, record.client_id))
+            if row is None:
+                row = Client(job_id=self.job_id, client_id=record.client_id, first_seen=now)
+                s.add(row)
+            row.status = ClientStatus(record.status)
+            row.last_seen = now
+            row.num_samples = record.num_samples
+            row.state_version = record.state_version
+            row.device_info = dict(record.device_info)
+        self._tx(write)
+
+
+def _finish_round_row(s: Session, round_id: int, result: RoundResult) -> Round:
+    row = s.get(Round, round_id)
+    row.status = RoundStatus(result.status)
+    row.closed_at = utcnow()
+    row.num_updates = result.num_updates
+    row.bytes_up = result.bytes_up
+    row.bytes_down = result.bytes_down
+    row.accuracy, row.loss, row.generator_loss = result.accuracy, result.loss, result.generator_loss
+    row.model_version = result.model_version
+    row.failure_reason = result.failure_reason
+    return row
+
+
+def _version_record(row: ModelVersion | None) -> VersionRecord | None:
+    if row is None:
+        return None
+    return VersionRecord(row.version, row.round_index, row.state_sha256, row.model_onnx_sha256,
+                         row.predictor_onnx_sha256, row.server_state_sha256, row.generator_onnx_sha256,
+                         row.delta_sha256, row.delta_base_version)
+
+
+def _round_record(row: Round | None) -> RoundRecord | None:
+    if row is None:
+        return None
+    return RoundRecord(row.id, row.index, row.attempt, row.status.value, list(row.selected), row.deadline)
+
+
+def _update_record(row: ClientUpdate | None) -> UpdateRecord | None:
+    if row is None:
+        return None
+    return UpdateRecord(row.round_id, row.client_id, row.idempotency_key, row.status.value, row.base_version,
+                        row.num_samples, list(row.label_counts), dict(row.metrics), row.reason,
+                        row.payload_sha256, row.payload_bytes)
+
+
+def _client_record(row: Client) -> ClientRecord:
+    return ClientRecord(row.client_id, row.status.value, row.num_samples, row.state_version,
+                        dict(row.device_info or {}), row.last_seen)

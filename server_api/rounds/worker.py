@@ -1,0 +1,284 @@
+"""One job's round loop on the server, in its own thread.
+
+The loop drives four collaborators and is the only one that calls downward: the `VersionPublisher`
+(versions, manifest, round announcements), the `UpdateIntake` (every accept / duplicate / reject rule), the
+`ClientRegistry` (presence, partition assignment) and the `RoundKeeper` (open, resume, close the round).
+
+Every step persists its result before the next one starts, so a server killed at any point resumes from the
+database: the latest model version (its server-state blob restores the algorithm state bit for bit), the open
+round (its selection and deadline) and the updates already accepted in it (their tensors are in the store).
+An update is acknowledged only after it is stored, so an acknowledged update is never lost. A message that
+cannot be handled is refused and logged, and the job goes on: only a fault of the server itself fails a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from server_api import metrics
+from server_api.rounds.clients import ClientRegistry
+from server_api.rounds.context import ServerContext, Stopping
+from server_api.rounds.intake import UpdateIntake, UpdateValidator
+from server_api.rounds.publisher import VersionPublisher
+from server_api.rounds.round import OpenRound, RoundKeeper
+from server_api.rounds.runtime import JobRuntime
+from server_api.rounds.state import JobStore, RoundResult, VersionRecord
+from shared.mqtt import Message
+from shared.protocol.errors import ValidationError
+from shared.protocol.job import JobConfig
+from shared.protocol.messages import RoundAnnouncement
+from shared.protocol.topics import Topics
+
+log = logging.getLogger("fedgen.server")
+
+
+ENDED = ("finished", "failed", "cancelled")
+
+
+class JobGaveUp(Exception):
+    """The job cannot go on (a round failed max_round_attempts times)."""
+
+
+class JobWorker(threading.Thread):
+    """Runs rounds for one job until it has run `rounds` rounds (or the server stops)."""
+
+    def __init__(self, job_id: str, ctx: ServerContext):
+        super().__init__(name=f"job-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.ctx = ctx
+        self.state: JobStore = ctx.job_store(job_id)
+        self.topics = Topics(job_id)
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.stopping = threading.Event()
+        self.finished = threading.Event()  # the job is done; the thread only answers late messages
+        self.refused: Counter[str] = Counter()  # messages refused, by reason
+        self.last_failure: str | None = None
+        self.open: OpenRound | None = None
+        self.waiting: tuple[int, int] | None = None  # (online, needed) while a round waits for devices
+        self._last_expiry = 0.0
+        self._waiting_logged = 0.0
+
+    # ------------------------------------------------------------------------------------------ thread
+    def run(self) -> None:
+        try:
+            self._run()
+        except Stopping:  # the server stops while the broker is away: the next start publishes again
+            log.info("job %s: stopped while waiting for the broker", self.job_id)
+        except JobGaveUp as exc:
+            log.error("job %s failed: %s", self.job_id, exc)
+            self._fail(str(exc))
+        except Exception as exc:  # record why the job stopped; the server keeps serving other jobs
+            log.exception("job %s failed", self.job_id)
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _run(self) -> None:
+        job = self.state.job()
+        if job.status in ENDED:
+            return
+        self.config = JobConfig.from_stored(self.job_id, job.config)
+        self.runtime = JobRuntime(self.config, self.ctx.data_dir)
+        self.publisher = VersionPublisher(self.config, self.state, self.ctx.store, self.ctx.link, self.stopping)
+        self.clients = ClientRegistry(self.job_id, self.state, self.ctx.link, self.ctx.partition_release_s)
+        validator = UpdateValidator(self.job_id, self.runtime.info.num_classes, self.runtime.upload_spec(),
+                                    self.ctx.max_upload_bytes, self.config.max_client_samples)
+        self.intake = UpdateIntake(self.job_id, self.state, self.ctx.store, self.ctx.link, validator,
+                                   announced=self.clients.announced)
+        self.rounds = RoundKeeper(self.config, self.state, self.ctx.store, self.runtime, self.publisher,
+                                  self.ctx.max_upload_bytes)
+        version = self._restore()
+        self.clients.load()
+        self.publisher.publish_version(version, self.runtime)
+        if job.status == "created":
+            self.state.set_job_status("running")
+        log.info("job %s %s from version %d, round %d", self.job_id, "paused" if job.status == "paused" else
+                 "running", self.runtime.version, job.current_round)
+        while not self.stopping.is_set():
+            job = self.state.job()
+            if job.status == "cancelled":
+                self._cancelled(job.error)
+                return
+            metrics.CURRENT_ROUND.labels(self.job_id).set(job.current_round)
+            if job.current_round >= self.config.rounds:
+                self._finish()
+                return
+            if job.status == "paused":  # the open round has finished; open no new one until resumed
+                self.waiting = None
+                self._pump(1.0)
+                continue
+            self.open = self.rounds.resume(job.current_round) or self._try_open(job.current_round)
+            if self.open is None:
+                continue
+            self._collect()
+            if self.stopping.is_set():
+                return
+            if self.state.job().status == "cancelled":
+                continue  # the top of the loop ends the job and its open round
+            self._close()
+
+    def _restore(self) -> VersionRecord:  # VersionRecord
+        """The runtime at the job's latest version (made and stored first for a new job)."""
+        latest = self.state.latest_version()
+        if latest is None:
+            return self.publisher.store_version(self.runtime, self.runtime.build_artifacts(delta=None), None)
+        self.runtime.restore(self.ctx.store.get(latest.server_state))
+        if self.runtime.version != latest.version:
+            raise RuntimeError(f"server state of version {latest.version} says {self.runtime.version}")
+        return latest
+
+    # ------------------------------------------------------------------------------------------ rounds
+    def _try_open(self, index: int) -> OpenRound | None:
+        needed = self.rounds.needed_online(index)
+        online = len(self.clients.online)
+        if online < needed:
+            self.waiting = (online, needed)
+            if time.monotonic() - self._waiting_logged > 30:
+                self._waiting_logged = time.monotonic()
+                log.info("job %s round %d waiting for devices: %d of %d online", self.job_id, index, online, needed)
+            self._pump(1.0)
+            return None
+        self.waiting = None
+        failed = self.state.attempt_count(index)
+        if failed >= self.config.max_round_attempts:
+            raise JobGaveUp(f"round {index} failed {failed} times (max_round_attempts); the last: "
+                            f"{self.last_failure or 'no reason recorded'}")
+        return self.rounds.open(index, list(self.clients.online))
+
+    def _collect(self) -> None:
+        """Handle messages until every selected client has an accepted update, the deadline passes, or the job
+        is cancelled (checked about once a second)."""
+        window = self.open.window
+        checked = time.monotonic()
+        while not self.stopping.is_set() and not window.complete:
+            remaining = window.deadline - time.time()
+            if remaining <= 0:
+                return
+            self._pump(min(remaining, 0.5), until=lambda: window.complete)
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                if self.state.job().status == "cancelled":
+                    return
+
+    def _close(self) -> None:
+        opened, self.open = self.open, None
+        version = self.state.version(opened.window.version)
+        record = self.rounds.close(opened, lambda w: self.clients.bytes_down(w, version, self.ctx.store,
+                                                                                  self.config.algorithm.partial))
+        if record is not None:
+            self.last_failure = None
+            self.publisher.publish_version(record, self.runtime)
+        else:
+            self.last_failure = self.rounds.last_failure
+
+    def _finish(self) -> None:
+        last = self.config.rounds
+        self.publisher.announce(last, 0, self.runtime.version, [], time.time(), "finished")
+        self.state.set_job_status("finished", finished=True)
+        log.info("job %s finished after %d rounds", self.job_id, last)
+        self._answer_until_stopped()
+
+    def _answer_until_stopped(self) -> None:
+        """After the last round: a client whose ack was lost (broker restart, server crash between storing
+        and acking) keeps re-sending its update; keep answering it (`duplicate` for an update already
+        counted, `rejected` otherwise) and recording presence, so that it can stop, until the server stops."""
+        self.finished.set()
+        while not self.stopping.is_set():
+            self._pump(0.5)
+
+    def _cancelled(self, reason: str | None) -> None:
+        """The operator cancelled the job (POST /jobs/{id}/cancel): close its open round as failed, tell the
+        devices (retained round status), and answer late messages until the server stops."""
+        reason = reason or "cancelled by the operator"
+        index = self.open.window.index if self.open else self.state.job().current_round
+        self._close_open_round(f"the job was cancelled: {reason}")
+        self._announce_end("cancelled", reason, index)
+        log.info("job %s cancelled: %s", self.job_id, reason)
+        self._answer_until_stopped()
+
+    def _close_open_round(self, why: str) -> None:
+        if self.open is not None:
+            w = self.open.window
+            self.state.finish_round(self.open.row_id, RoundResult("failed", len(w.accepted), self.open.bytes_up,
+                                                                  failure_reason=why[:2000]))
+            self.open = None
+
+    def _announce_end(self, status: str, reason: str, index: int) -> None:
+        version = self.runtime.version if hasattr(self, "runtime") else 0
+        ended = RoundAnnouncement(job=self.job_id, round=index, attempt=0, version=version, selected=[],
+                                  deadline=time.time(), status=status, reason=reason[:500])
+        self.ctx.link.publish(self.topics.round, ended.to_json(), retain=True)
+
+    def _fail(self, error: str) -> None:
+        """Mark the job failed (its open round too) and tell its devices (retained round status), so that they
+        stop retrying."""
+        index = self.open.window.index if self.open else 0
+        try:
+            self._close_open_round(f"the job failed: {error}")
+            self.state.set_job_status("failed", error=error, finished=True)
+        except Exception:
+            log.exception("could not record job %s as failed", self.job_id)
+        try:
+            ended = RoundAnnouncement(job=self.job_id, round=index, attempt=0,
+                                      version=self.runtime.version if hasattr(self, "runtime") else 0,
+                                      selected=[], deadline=time.time(), status="failed", reason=error[:500])
+            self.ctx.link.publish(self.topics.round, ended.to_json(), retain=True)
+        except Exception:
+            log.exception("could not announce that job %s failed", self.job_id)
+
+    # ------------------------------------------------------------------------------------------ messages
+    def _pump(self, timeout: float, until: Callable[[], bool] | None = None) -> None:  # Callable[[], bool] | None
+        """Handle the messages that arrive within `timeout` seconds; return early once `until()` holds."""
+        end = time.monotonic() + max(0.0, timeout)
+        while True:
+            self._expire_streams()
+            try:
+                msg = self.inbox.get(timeout=max(0.0, min(1.0, end - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= end:
+                    return
+                continue
+            self._handle(msg)
+            if (until is not None and until()) or (time.monotonic() >= end and self.inbox.empty()):
+                return
+
+    def _expire_streams(self) -> None:
+        """Drop (and record) incomplete chunk streams, at most once a second, whether a round is open or not."""
+        now = time.monotonic()
+        if now - self._last_expiry >= 1.0:
+            self._last_expiry = now
+            self.intake.expire(self.open)
+
+    def _refused(self, reason: str) -> None:
+        self.refused[reason] += 1
+        metrics.REFUSED.labels(self.job_id, reason).inc()
+
+    def _handle(self, msg: Message) -> None:
+        """The per-message error boundary: whatever one message does, it is refused, counted and logged, and
+        the loop goes on."""
+        client = self.topics.client_of(msg.topic)
+        if client is None:
+            self._refused("bad_topic")
+            return
+        kind = msg.topic.rsplit("/", 1)[-1]
+        try:
+            if kind == "presence":
+                self.clients.receive(client, msg.payload)
+            elif kind == "update":
+                self.intake.receive(client, msg.payload, self.open)
+        except ValidationError as exc:
+            self._refused(exc.reason)
+            log.warning("job %s: refused a %s message from %s: %s", self.job_id, kind, client, exc)
+        except Stopping:
+            raise
+        except Exception as exc:  # a fault of this server, not of the sender: logged with its traceback
+            self._refused("internal_error")
+            log.exception("job %s: could not handle a %s message from %s (%s)", self.job_id, kind, client,
+                          type(exc).__name__)
+

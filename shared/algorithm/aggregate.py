@@ -1,0 +1,144 @@
+"""Server side of a round, without the generator: client selection, aggregation and the label prior p(y)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from shared.algorithm.config import derive_seed
+from shared.algorithm.schedule import selection_rank
+
+
+def select_clients(candidates: Sequence[str | int], active: int, run_seed: int, round_idx: int,
+                   attempt: int = 0) -> list:
+    """`active` clients drawn uniformly without replacement; the same seed, round and candidates give the same
+    choice. Candidates are sorted first, so the order in which they became known does not matter."""
+    pool = sorted(candidates, key=str)
+    if active > len(pool):
+        raise ValueError(f"cannot select {active} clients from {len(pool)} candidates")
+    rng = np.random.default_rng(derive_seed(run_seed, "select", round_idx, attempt))
+    chosen = rng.choice(len(pool), size=active, replace=False)
+    return [pool[i] for i in sorted(chosen)]
+
+
+def select_by_rank(candidates: Sequence[str], active: int, run_seed: int, round_idx: int,
+                   attempt: int = 0) -> tuple[list[str], int]:
+    """The `active` candidates of lowest `selection_rank` (sorted by id) and the highest rank among them: a
+    device is selected exactly when its rank is at most that threshold, so a round of any size is announced
+    in a few bytes. Seeded and order-free like `select_clients` (a uniform draw: the ranks are hashes)."""
+    if active > len(candidates):
+        raise ValueError(f"cannot select {active} clients from {len(candidates)} candidates")
+    if active <= 0:
+        return [], -1
+    ranked = sorted((selection_rank(run_seed, round_idx, attempt, c), c) for c in candidates)[:active]
+    return sorted(c for _, c in ranked), ranked[-1][0]
+
+
+def capped_weights(weights: Sequence[float], max_share: float) -> list[float]:
+    """`weights` rescaled so that none is more than `max_share` of their sum, the excess spread over the others
+    in proportion to their weights ("water filling"); unchanged when none exceeds it. With fewer than
+    ceil(1 / max_share) weights the cap cannot hold for all: they become equal."""
+    if not 0 < max_share <= 1:
+        raise ValueError("max_share must be in (0, 1]")
+    w = [float(x) for x in weights]
+    if not w or sum(w) <= 0 or max(w) <= max_share * sum(w):
+        return w
+    total = sum(w)
+    if max_share * len(w) <= 1:
+        return [total / len(w)] * len(w)
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(w)) if i not in capped]
+        budget = total * (1 - max_share * len(capped))
+        free_sum = sum(weights[i] for i in free)
+        out = [total * max_share if i in capped else budget * weights[i] / free_sum for i in range(len(w))]
+        over = {i for i in free if out[i] > total * max_share * (1 + 1e-12)}
+        if not over:
+            return out
+        capped |= over
+
+
+class RunningWeightedMean:
+    """Sample-weighted mean of state dicts, accumulated one update at a time.
+
+    Memory stays one float64 copy of the shared entries whatever the number of clients; float64 accumulation
+    also makes the result insensitive (to float32 precision) to the order in which updates arrive.
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        if weight <= 0:
+            raise ValueError("aggregation weight must be > 0")
+        if self._sum and set(update) != set(self._sum):
+            raise ValueError("update keys differ from earlier updates in this round")
+        for name, tensor in update.items():
+            contribution = tensor.detach().to(torch.float64) * weight
+            if name in self._sum:
+                self._sum[name] += contribution
+            else:
+                self._sum[name] = contribution
+                self._dtypes[name] = tensor.dtype
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self.count:
+            raise ValueError("no updates to aggregate")
+        return {k: (v / self.total_weight).to(self._dtypes[k]) for k, v in self._sum.items()}
+
+
+def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Sample-weighted mean of a list of state dicts."""
+    acc = RunningWeightedMean()
+    for update, weight in zip(updates, weights):
+        acc.add(update, weight)
+    return acc.result()
+
+
+
+
+def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (as Flower's FedMedian; unweighted). For an even count, the mean of the two
+    middle values."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    return {k: torch.quantile(torch.stack([u[k].double() for u in updates]), 0.5, dim=0).to(updates[0][k].dtype)
+            for k in updates[0]}
+
+
+def trimmed_mean(updates: Sequence[Mapping[str, torch.Tensor]], ratio: float) -> dict[str, torch.Tensor]:
+    """Coordinate-wise mean after dropping the `ratio` largest and smallest values of each coordinate
+    (as Flower's FedTrimmedAvg; unweighted)."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    if not 0 <= ratio < 0.5:
+        raise ValueError("trim ratio must be in [0, 0.5)")
+    cut = int(ratio * len(updates))
+    out = {}
+    for k in updates[0]:
+        ordered = torch.sort(torch.stack([u[k].double() for u in updates]), dim=0).values
+        out[k] = ordered[cut:len(updates) - cut].mean(dim=0).to(updates[0][k].dtype)
+    return out
+
+
+class LabelPrior:
+    """p_hat(y): label counts accumulated over every accepted update, normalised on demand."""
+
+    def __init__(self, num_classes: int, counts: np.ndarray | None = None):
+        self.counts = np.zeros(num_classes, dtype=np.int64) if counts is None else np.asarray(counts, np.int64)
+
+    def update(self, label_counts: np.ndarray) -> None:
+        self.counts = self.counts + np.asarray(label_counts, dtype=np.int64)
+
+    def probabilities(self) -> np.ndarray:
+        total = self.counts.sum()
+        if total == 0:
+            return np.full(len(self.counts), 1.0 / len(self.counts))
+        return self.counts / total

@@ -1,0 +1,175 @@
+"""ONNX exports of what the server publishes per model version (server side; needs torch and onnxscript).
+
+The classifier (input ``x``, output ``logits``), the predictor theta^p (input ``z``, output ``logits``) and the
+FedGen generator (inputs ``noise`` and ``labels``, output ``z``), all with a dynamic batch dimension. Exports
+are byte-deterministic: the same weights give the same bytes in any process, and the initializers carry the
+state-dict names (``features.0.weight``, ``features.1.running_mean``, ``predictor.weight``, ...), so a device
+reads the weights back with `shared.protocol.onnx_load.state_from_onnx`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from shared.algorithm.models import Generator, SplitClassifier
+
+if TYPE_CHECKING:
+    import onnx
+
+EXPORT_BATCH = 2  # example batch size for tracing; the exported batch dimension is dynamic anyway
+_QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx",
+                  "torch.utils._sympy", "onnxscript", "onnx_ir")
+
+
+def export_classifier_onnx(model: SplitClassifier, state: Mapping[str, torch.Tensor],
+                           image_shape: tuple[int, int, int] | None = None) -> bytes:
+    """The classifier with `state` loaded, eval mode: ``x`` float32 [N, C, H, W] -> ``logits`` [N, classes].
+
+    `image_shape` (C, H, W) defaults to the one the model was built for. The caller's model and state are
+    not modified.
+    """
+    module = _eval_copy(model, state)
+    example = torch.zeros(EXPORT_BATCH, *(image_shape or model.image_shape))
+    return _export(module, (example,), ["x"], ["logits"])
+
+
+def export_predictor_onnx(model: SplitClassifier, state: Mapping[str, torch.Tensor]) -> bytes:
+    """theta^p alone: ``z`` float32 [N, latent] -> ``logits``; initializers ``predictor.weight/bias``."""
+    module = _eval_copy(model, state)
+    wrapper = _PredictorOnly(module.predictor).eval()
+    example = torch.zeros(EXPORT_BATCH, module.latent_dim)
+    return _export(wrapper, (example,), ["z"], ["logits"])
+
+
+def export_generator_onnx(generator: Generator) -> bytes:
+    """The generator in eval mode (BatchNorm running statistics): ``noise`` float32 [N, noise_dim] and
+    ``labels`` int64 [N] -> ``z`` float32 [N, latent]."""
+    module = copy.deepcopy(generator).eval()
+    noise = torch.zeros(EXPORT_BATCH, module.noise_dim)
+    labels = torch.arange(EXPORT_BATCH, dtype=torch.int64) % module.num_classes
+    return _export(module, (noise, labels), ["noise", "labels"], ["z"])
+
+
+class _PredictorOnly(nn.Module):
+    """Holds the predictor under the attribute name ``predictor`` so its parameters keep their state-dict names."""
+
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.predictor(z)
+
+
+def _eval_copy(model: SplitClassifier, state: Mapping[str, torch.Tensor]) -> SplitClassifier:
+    module = copy.deepcopy(model)
+    module.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+    return module.eval()
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str]) -> bytes:
+    """The ONNX bytes of `module`. The graph of an architecture is exported once (seconds) and kept; later
+    exports of the same architecture copy it and write the new weights into its initializers (milliseconds).
+    The result is byte-identical to a fresh export (tests/test_artifacts.py checks it)."""
+    import onnx
+
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    key = (type(module).__qualname__, tuple(inputs), tuple(outputs),
+           tuple((a.dtype, tuple(a.shape)) for a in args),
+           tuple((k, v.dtype, tuple(v.shape)) for k, v in state.items()))
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = _fresh_export(module, args, inputs, outputs)
+        _TEMPLATES[key] = template
+    proto = onnx.ModelProto()
+    proto.CopyFrom(template)
+    for tensor in proto.graph.initializer:
+        if tensor.name in state:
+            value = state[tensor.name].contiguous().cpu().numpy()
+            if value.dtype.byteorder == ">":  # ONNX raw data is little-endian
+                value = value.astype(value.dtype.newbyteorder("<"))
+            tensor.raw_data = value.tobytes()
+    return proto.SerializeToString(deterministic=True)
+
+
+_TEMPLATES: dict[tuple, onnx.ModelProto] = {}
+
+
+def _fresh_export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str],
+                  outputs: list[str]) -> onnx.ModelProto:
+    """torch.export-based ONNX export, not optimised (the onnxscript optimiser would fold BatchNorm into the
+    convolutions and rename weights), with every batch dimension dynamic, normalised to be byte-stable."""
+    batch = torch.export.Dim("N")
+    dynamic = {name: {0: batch} for name in inputs}
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
+                                    dynamic_shapes=dynamic, optimize=False, verbose=False, report=False)
+    from onnx import numpy_helper
+
+    proto = program.model_proto
+    _strip_metadata(proto)
+    for tensor in proto.graph.initializer:  # every weight as raw bytes, the form the template path writes
+        if not tensor.HasField("raw_data"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    return proto
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's warnings and log lines (not thread-safe: warnings filters are process-wide)."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop what is not the computation: stack traces with absolute file paths, FX node dumps, doc strings,
+    and the local build tag of the producer version ("2.13.0+cpu" -> "2.13.0")."""
+    model.producer_version = model.producer_version.split("+")[0]
+    model.doc_string = ""
+    del model.metadata_props[:]
+    _strip_graph(model.graph)
+    for function in model.functions:
+        del function.metadata_props[:]
+        function.doc_string = ""
+        for node in function.node:
+            _strip_node(node)
+
+
+def _strip_graph(graph: onnx.GraphProto) -> None:
+    del graph.metadata_props[:]
+    graph.doc_string = ""
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        del info.metadata_props[:]
+        info.doc_string = ""
+    for tensor in graph.initializer:
+        del tensor.metadata_props[:]
+        tensor.doc_string = ""
+    for node in graph.node:
+        _strip_node(node)
+
+
+def _strip_node(node: onnx.NodeProto) -> None:
+    del node.metadata_props[:]
+    node.doc_string = ""
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            _strip_graph(attr.g)
+        for sub in attr.graphs:
+            _strip_graph(sub)

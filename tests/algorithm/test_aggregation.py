@@ -1,0 +1,74 @@
+"""Sample-weighted aggregation, client selection and the label prior."""
+
+import numpy as np
+import pytest
+import torch
+
+from shared.algorithm.aggregate import LabelPrior, RunningWeightedMean, select_clients, weighted_mean
+
+
+def test_weighted_mean_against_hand_computed_values():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([4.0])}
+    out = weighted_mean([a, b], [10, 30])  # (10 * a + 30 * b) / 40
+    assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
+    assert torch.allclose(out["b"], torch.tensor([3.0]))
+    assert out["w"].dtype == torch.float32
+
+
+def test_streaming_equals_batch_and_is_order_insensitive():
+    gen = torch.Generator().manual_seed(0)
+    updates = [{"p": torch.randn(50, generator=gen)} for _ in range(7)]
+    weights = [3, 10, 1, 7, 22, 5, 9]
+    forward = weighted_mean(updates, weights)
+    backward = weighted_mean(updates[::-1], weights[::-1])
+    assert torch.equal(forward["p"], backward["p"])
+    expected = sum(w * u["p"].double() for u, w in zip(updates, weights)) / sum(weights)
+    assert torch.allclose(forward["p"].double(), expected, atol=1e-6)
+
+
+def test_mismatched_or_empty_updates_refused():
+    acc = RunningWeightedMean()
+    with pytest.raises(ValueError, match="no updates"):
+        acc.result()
+    acc.add({"a": torch.zeros(1)}, 1)
+    with pytest.raises(ValueError, match="keys differ"):
+        acc.add({"b": torch.zeros(1)}, 1)
+    with pytest.raises(ValueError, match="> 0"):
+        acc.add({"a": torch.zeros(1)}, 0)
+
+
+def test_selection_is_seeded_uniform_and_order_free():
+    clients = [f"dev-{i}" for i in range(20)]
+    first = select_clients(clients, 10, run_seed=1, round_idx=3)
+    assert first == select_clients(list(reversed(clients)), 10, run_seed=1, round_idx=3)
+    assert len(set(first)) == 10 and set(first) <= set(clients)
+    assert first != select_clients(clients, 10, run_seed=1, round_idx=4)
+    assert first != select_clients(clients, 10, run_seed=1, round_idx=3, attempt=1)
+    counts = {c: 0 for c in clients}
+    for r in range(400):
+        for c in select_clients(clients, 10, run_seed=0, round_idx=r):
+            counts[c] += 1
+    assert 150 < min(counts.values()) and max(counts.values()) < 250  # each expected 200 times
+    with pytest.raises(ValueError):
+        select_clients(clients, 21, 0, 0)
+
+
+def test_label_prior_accumulates():
+    prior = LabelPrior(3)
+    assert np.allclose(prior.probabilities(), 1 / 3)
+    prior.update(np.array([2, 0, 0]))
+    prior.update(np.array([1, 1, 0]))
+    assert np.allclose(prior.probabilities(), [0.75, 0.25, 0.0])
+
+
+def test_capped_weights_by_hand():
+    from shared.algorithm.aggregate import capped_weights
+
+    assert capped_weights([1, 1, 1, 97], 0.5) == pytest.approx([50 / 3, 50 / 3, 50 / 3, 50])
+    # 90 of 100 capped at 30; the other 70 shared 1:2:3:4
+    assert capped_weights([1, 2, 3, 4, 90], 0.3) == pytest.approx([7, 14, 21, 28, 30])
+    assert capped_weights([10, 20, 30], 0.5) == [10, 20, 30]  # nothing above the cap: unchanged
+    assert capped_weights([5, 95], 0.4) == [50, 50]  # two weights cannot both be <= 40 %: equal
+    with pytest.raises(ValueError):
+        capped_weights([1, 2], 0)

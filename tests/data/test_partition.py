@@ -1,0 +1,88 @@
+"""The Dirichlet partitioner: sizes, disjointness, balanced per-user test splits, determinism."""
+
+import numpy as np
+import pytest
+
+from shared.data.datasets import load_dataset
+from shared.data.partition import (
+    PartitionError,
+    PartitionSpec,
+    dirichlet_split,
+    format_histogram,
+    label_histogram,
+    partition,
+    plot_histogram,
+    split_test_sets,
+)
+
+
+@pytest.fixture(scope="module")
+def subset():
+    return load_dataset("mnist-subset")
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 1.0, 10.0])
+def test_train_split_sizes_and_disjointness(subset, alpha):
+    cfg = PartitionSpec(users=20, alpha=alpha, samples_per_class=500, min_samples=10, seed=3)
+    parts = dirichlet_split(subset.train_y, 10, cfg, np.random.default_rng(cfg.seed))
+    assert len(parts) == 20
+    assert min(len(p) for p in parts) >= 10
+    joined = np.concatenate(parts)
+    assert len(joined) == 500 * 10 == len(np.unique(joined))  # every kept image dealt exactly once
+    assert np.bincount(subset.train_y[joined]).tolist() == [500] * 10
+
+
+def test_skew_follows_alpha(subset):
+    def labels_per_user(alpha):
+        users = partition(subset, PartitionSpec(alpha=alpha, samples_per_class=500, seed=0))
+        return np.mean([(u.label_counts() > 0).sum() for u in users])
+
+    assert labels_per_user(0.05) < labels_per_user(1.0) <= 10
+
+
+def test_test_splits_are_disjoint_and_balanced_over_own_labels(subset):
+    cfg = PartitionSpec(alpha=0.1, samples_per_class=500, seed=1)
+    rng = np.random.default_rng(cfg.seed)
+    train = dirichlet_split(subset.train_y, 10, cfg, rng)
+    tests = split_test_sets(subset.test_y, [subset.train_y[i] for i in train], 10, rng)
+    joined = np.concatenate(tests)
+    assert len(joined) == len(np.unique(joined))
+    for tr, te in zip(train, tests):
+        own = set(np.unique(subset.train_y[tr]).tolist())
+        counts = np.bincount(subset.test_y[te], minlength=10)
+        assert set(np.flatnonzero(counts).tolist()) == own
+        assert set(counts[list(own)].tolist()) == {300 // 20}  # the same number of test images per own label
+
+
+def test_same_seed_same_partition_other_seed_differs(subset):
+    cfg = PartitionSpec(alpha=0.1, samples_per_class=500, seed=7)
+    a, b = partition(subset, cfg), partition(subset, cfg)
+    for ua, ub in zip(a, b):
+        np.testing.assert_array_equal(ua.train_y, ub.train_y)
+        np.testing.assert_array_equal(ua.train_x, ub.train_x)
+        np.testing.assert_array_equal(ua.test_y, ub.test_y)
+    c = partition(subset, PartitionSpec(alpha=0.1, samples_per_class=500, seed=8))
+    assert not np.array_equal(label_histogram(a), label_histogram(c))
+
+
+def test_user_data_is_normalised_and_counts_sum(subset):
+    users = partition(subset, PartitionSpec(alpha=0.5, samples_per_class=200, seed=0))
+    for u in users:
+        assert u.train_x.dtype == np.float32 and -1.0 <= u.train_x.min() and u.train_x.max() <= 1.0
+        assert u.label_counts().sum() == u.num_samples == len(u.train_x)
+
+
+def test_impossible_partitions_are_refused(subset):
+    with pytest.raises(PartitionError, match="fewer than samples_per_class"):
+        partition(subset, PartitionSpec(samples_per_class=5000))
+    with pytest.raises(PartitionError, match="cannot give"):
+        partition(subset, PartitionSpec(users=20, samples_per_class=5, min_samples=10))
+
+
+def test_histogram_text_and_png(subset, tmp_path):
+    hist = label_histogram(partition(subset, PartitionSpec(alpha=0.1, samples_per_class=500, seed=0)))
+    text = format_histogram(hist)
+    assert text.splitlines()[0].split()[0] == "user" and len(text.splitlines()) == 21
+    assert hist.sum() == 5000
+    plot_histogram(hist, str(tmp_path / "fig4.png"))
+    assert (tmp_path / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
