@@ -32,11 +32,36 @@ class SimulationConfig:
     seed: int = 0
     partition: PartitionSpec = field(default_factory=PartitionSpec)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    aggregation: str = "mean"  # mean | median | trimmed_mean (the fleet's JobConfig.aggregation)
+    trim_ratio: float = 0.1
+    # robustness experiments: these users are attackers; each uploads its update's weights times
+    # -poison_scale and claims POISON_COUNT samples of its rarest label
+    poisoned: tuple[int, ...] = ()
+    poison_scale: float = 100.0
 
     def to_dict(self) -> dict:
         """The experiment (where the files are is not part of it)."""
-        return {"dataset": self.dataset, "rounds": self.rounds, "active": self.active, "seed": self.seed,
-                "partition": msgspec.to_builtins(self.partition), "algorithm": self.algorithm.to_dict()}
+        out = {"dataset": self.dataset, "rounds": self.rounds, "active": self.active, "seed": self.seed,
+               "partition": msgspec.to_builtins(self.partition), "algorithm": self.algorithm.to_dict(),
+               "aggregation": self.aggregation}
+        if self.aggregation == "trimmed_mean":
+            out["trim_ratio"] = self.trim_ratio
+        if self.poisoned:
+            out["poisoned"] = list(self.poisoned)
+            out["poison_scale"] = self.poison_scale
+        return out
+
+
+POISON_COUNT = 10**6
+
+
+def poison(upload: dict[str, torch.Tensor], label_counts: np.ndarray, scale: float
+           ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """What an attacking user sends instead of its update: the weights times -scale, and a claim of
+    POISON_COUNT samples of the label it holds least (to own that label's teacher weight and the prior)."""
+    counts = np.zeros_like(label_counts)
+    counts[int(np.argmin(label_counts))] = POISON_COUNT
+    return {k: -scale * v for k, v in upload.items()}, counts
 
 
 def download_bytes(state: GlobalState) -> int:
@@ -101,7 +126,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
         selected = select_clients([u.user for u in users], cfg.active, cfg.seed, r)
         bytes_down = download_bytes(state) * len(selected)
         sampler, prior = state.sampler(), state.prior.probabilities()
-        acc, bytes_up, train_losses = RoundAccumulator(), 0, []
+        acc, bytes_up, train_losses = RoundAccumulator(cfg.aggregation, cfg.trim_ratio), 0, []
         for k in selected:
             user = users[k]
             start = client_start_state(state.state, own_states.get(k), algo.partial)
@@ -109,7 +134,11 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
                                   round_seed(cfg.seed, r, k), sampler, prior)
             if algo.partial:
                 own_states[k] = result.state
-            acc.add(result.upload, result.num_samples, result.label_counts, client=k)
+            upload, counts, num = result.upload, result.label_counts, result.num_samples
+            if k in cfg.poisoned:
+                upload, counts = poison(upload, counts, cfg.poison_scale)
+                num = POISON_COUNT
+            acc.add(upload, num, counts, client=k)
             bytes_up += len(encode_tensors(result.upload))
             train_losses.append(result.train_loss)
         gen_stats = state.close_round(acc, r)

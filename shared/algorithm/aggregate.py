@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -79,11 +80,10 @@ class RunningWeightedMean:
         if self._sum and set(update) != set(self._sum):
             raise ValueError("update keys differ from earlier updates in this round")
         for name, tensor in update.items():
-            contribution = tensor.detach().to(torch.float64) * weight
             if name in self._sum:
-                self._sum[name] += contribution
+                self._sum[name].add_(tensor.detach(), alpha=weight)  # in place, float64: no temporaries
             else:
-                self._sum[name] = contribution
+                self._sum[name] = tensor.detach().to(torch.float64) * weight
                 self._dtypes[name] = tensor.dtype
         self.total_weight += weight
         self.count += 1
@@ -142,3 +142,34 @@ class LabelPrior:
         if total == 0:
             return np.full(len(self.counts), 1.0 / len(self.counts))
         return self.counts / total
+
+
+OUTLIER_FACTOR = 3.0  # a predictor this many times farther from the median than the median distance is left out
+
+
+def outlying(vectors: Sequence[torch.Tensor]) -> list[bool]:
+    """Which of the clients' flattened parameter vectors the robust modes leave out of what they teach the
+    generator: non-finite ones, and those whose L2 distance to the coordinate-wise median exceeds
+    OUTLIER_FACTOR times the median of those distances (a rule that needs no count of attackers)."""
+    finite = [bool(torch.isfinite(v).all()) for v in vectors]
+    kept = [v for v, ok in zip(vectors, finite) if ok]
+    if len(kept) < 3:
+        return [not ok for ok in finite]
+    median = torch.stack(kept).median(dim=0).values
+    distances = [float((v - median).norm()) if ok else math.inf for v, ok in zip(vectors, finite)]
+    typical = float(np.median([d for d in distances if math.isfinite(d)]))
+    if typical == 0:
+        return [d > 0 for d in distances]
+    return [d > OUTLIER_FACTOR * typical for d in distances]
+
+
+def robust_label_counts(label_counts: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each client's label counts rescaled to the round's median total (rounded): what the robust modes add
+    to the label prior, so that one client's claimed total cannot outweigh the others'."""
+    totals = [int(np.sum(c)) for c in label_counts]
+    positive = [t for t in totals if t > 0]
+    if not positive:
+        return [np.asarray(c, np.int64) for c in label_counts]
+    target = float(np.median(positive))
+    return [np.rint(np.asarray(c, np.float64) * (target / t)).astype(np.int64) if t > 0 else np.asarray(c, np.int64)
+            for c, t in zip(label_counts, totals)]

@@ -24,9 +24,16 @@ def diversity_loss(noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(d_noise * d_z).mean())
 
 
-def label_weights(label_counts: np.ndarray) -> np.ndarray:
-    """w[k, y] = c_k(y) / sum_j c_j(y): how much client k speaks for label y (0 where no client has y)."""
+def label_weights(label_counts: np.ndarray, proportions: bool = False) -> np.ndarray:
+    """w[k, y] = c_k(y) / sum_j c_j(y): how much client k speaks for label y (0 where no client has y).
+
+    With `proportions` (the robust modes), c_k(y) is replaced by client k's label *proportion*
+    c_k(y) / sum_y c_k(y), as the reference does: a client's claimed total no longer matters, so claiming
+    huge counts buys no more weight than claiming the same labels in small numbers."""
     counts = np.asarray(label_counts, dtype=np.float64)
+    if proportions:
+        own = counts.sum(axis=1, keepdims=True)
+        counts = np.divide(counts, own, out=np.zeros_like(counts), where=own > 0)
     totals = counts.sum(axis=0, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
 
@@ -71,6 +78,7 @@ def train_generator(
     cfg: AlgorithmConfig,
     round_idx: int,
     rng: torch.Generator,
+    proportions: bool = False,
 ) -> GeneratorStats:
     """cfg.generator_steps Adam steps on Eq. 4 over this round's clients.
 
@@ -83,7 +91,7 @@ def train_generator(
     if len(client_states) != len(counts) or not len(counts):
         raise ValueError("need one label-count row per client state, and at least one client")
     available = torch.as_tensor(np.flatnonzero(counts.sum(axis=0) > 0))
-    weights = torch.as_tensor(label_weights(counts), dtype=torch.float32)  # K x C
+    weights = torch.as_tensor(label_weights(counts, proportions), dtype=torch.float32)  # K x C
     stacked = stack_predictors(client_states)
     for group in optimizer.param_groups:
         group["lr"] = cfg.generator_lr_at(round_idx)

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shared.algorithm.aggregate import LabelPrior, RunningWeightedMean, coordinate_median, trimmed_mean
+from shared.algorithm.aggregate import (
+    LabelPrior,
+    RunningWeightedMean,
+    coordinate_median,
+    outlying,
+    robust_label_counts,
+    trimmed_mean,
+)
 from shared.algorithm.config import AGGREGATIONS, AlgorithmConfig, derive_seed
 from shared.algorithm.distill import GeneratorStats, make_generator, make_generator_optimizer, train_generator
 from shared.algorithm.models import SplitClassifier, build_model, clone_state, is_predictor_key, shared_keys
@@ -63,6 +70,10 @@ class RoundAccumulator:
     def count(self) -> int:
         return len(self.predictors)
 
+    @property
+    def robust(self) -> bool:
+        return self.mode != "mean"
+
     def result(self) -> dict[str, torch.Tensor]:
         if self.mode == "mean":
             return self.aggregate.result()
@@ -99,18 +110,28 @@ class GlobalState:
         return {k: self.state[k] for k in self.shared_keys}
 
     def close_round(self, acc: RoundAccumulator, round_idx: int) -> GeneratorStats | None:
-        """Replace the shared entries by the weighted mean, update p_hat(y), and (FedGen) train the generator."""
+        """Replace the shared entries by the aggregate, update p_hat(y), and (FedGen) train the generator.
+
+        With a robust aggregation the generator and the prior are protected too (docs/algorithm.md, "Robust
+        aggregation"): the prior takes each client's counts rescaled to the round's median total, the teacher
+        weights come from label proportions, and outlying predictors teach nothing."""
         self.state.update(acc.result())
         clients = sorted(acc.predictors)
-        for client in clients:
-            self.prior.update(acc.label_counts[client])
+        counts = [acc.label_counts[c] for c in clients]
+        for row in robust_label_counts(counts) if acc.robust else counts:
+            self.prior.update(row)
         if self.generator is None:
             return None
+        if acc.robust:
+            flat = [torch.cat([v.flatten().float() for _, v in sorted(acc.predictors[c].items())]) for c in clients]
+            clients = [c for c, out in zip(clients, outlying(flat)) if not out]
+            if not clients:
+                return None
         before = (clone_state(self.generator.state_dict()), copy.deepcopy(self.generator_optimizer.state_dict()))
         stats = train_generator(self.generator, self.generator_optimizer, self.model.predictor,
                                 [acc.predictors[c] for c in clients],
                                 np.stack([acc.label_counts[c] for c in clients]), self.cfg, round_idx,
-                                self.generator_rng)
+                                self.generator_rng, proportions=acc.robust)
         if not all(torch.isfinite(v).all() for v in self.generator.state_dict().values() if v.is_floating_point()):
             # e.g. predictors driven to extreme values: keep the last good generator rather than a broken one
             self.generator.load_state_dict(before[0])
