@@ -8,6 +8,7 @@ in one run. Writes bench/results/generator_scale.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
@@ -91,8 +92,9 @@ def main() -> int:
     rows = []
     for k in (int(x) for x in args.clients.split(",")):
         states, counts = client_states(k, seed=k)
-        fast = median_seconds(lambda: batched(states, counts, cfg), args.repeats)
-        slow = median_seconds(lambda: looped(states, counts, cfg), args.repeats) if k <= args.loop_up_to else None
+        fast = median_seconds(functools.partial(batched, states, counts, cfg), args.repeats)
+        slow = median_seconds(functools.partial(looped, states, counts, cfg), args.repeats) \
+            if k <= args.loop_up_to else None
         rows.append((k, fast, slow))
         print(f"{k:>6} clients: batched {fast:.3f} s" + (f", loop {slow:.3f} s ({slow / fast:.1f}x)" if slow else ""),
               flush=True)

@@ -38,9 +38,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644, sync_dir: bool = True) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the whole new one: a temporary
-    file in the same directory, fsync, rename over `path`, fsync of the directory. Creates parent folders."""
+    file in the same directory, fsync, rename over `path`, fsync of the directory (unless `sync_dir` is
+    False: the caller then fsyncs the directory itself, once for many files). Creates parent folders."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
@@ -54,4 +55,5 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    if sync_dir:
+        fsync_dir(target.parent)

@@ -115,6 +115,16 @@ def update_by_key(session: Session, job_id: str, key: str) -> ClientUpdate | Non
                                                       ClientUpdate.idempotency_key == key)).first()
 
 
+def updates_by_keys(session: Session, job_id: str, keys: Sequence[str]) -> list[ClientUpdate]:
+    """The job's updates with these idempotency keys (chunked: a bounded number of bind parameters)."""
+    found: list[ClientUpdate] = []
+    keys = list(dict.fromkeys(keys))
+    for start in range(0, len(keys), 500):
+        found += session.scalars(select(ClientUpdate).where(
+            ClientUpdate.job_id == job_id, ClientUpdate.idempotency_key.in_(keys[start:start + 500]))).all()
+    return found
+
+
 # ------------------------------------------------------------------------------------------------- clients
 def clients_page(session: Session, job_id: str | None, limit: int, offset: int) -> tuple[int, Sequence[Client]]:
     query, count = select(Client), select(func.count()).select_from(Client)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared.fsutil import atomic_write, file_sha256, sha256_hex
+from shared.fsutil import atomic_write, file_sha256, fsync_dir, sha256_hex
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -70,6 +70,21 @@ class ArtifactStore:
             return sha
         atomic_write(target, data)
         return sha
+
+    def put_many(self, blobs: list[bytes], digests: list[str] | None = None) -> list[str]:
+        """`put` for many blobs, each file synced, each directory synced once at the end (group commit).
+        `digests`: their sha256, when the caller has just verified them (an update's tensors_sha256)."""
+        shas, folders = [], set()
+        for i, data in enumerate(blobs):
+            sha = digests[i] if digests is not None else sha256_hex(data)
+            target = self.path(sha)
+            if not (target.is_file() and file_sha256(target) == sha):
+                atomic_write(target, data, sync_dir=False)
+                folders.add(target.parent)
+            shas.append(sha)
+        for folder in folders:
+            fsync_dir(folder)
+        return shas
 
     def get(self, sha: str) -> bytes:
         """The content of blob ``sha``, verified against its name."""

@@ -61,6 +61,16 @@ class Decision:
         return self.header.idempotency_key if self.header else None
 
 
+@dataclass
+class Arrival:
+    """A complete envelope from `client`: its idempotency key (or a garbage key), size and decision."""
+
+    client: str
+    key: str
+    size: int
+    decision: Decision
+
+
 def reject(exc: ValidationError, header: UpdateHeader | None = None) -> Decision:
     return Decision("rejected", exc.reason, exc.detail, header)
 
@@ -155,32 +165,69 @@ class UpdateIntake:
 
     def receive(self, client: str, raw: bytes, open_round: OpenRound | None) -> None:
         """One message from `client`'s update topic."""
+        self.receive_many([(client, raw)], open_round)
+
+    def receive_many(self, messages: list[tuple[str, bytes]], open_round: OpenRound | None) -> None:
+        """Messages from update topics, as (sender, payload), in arrival order. Each is reassembled and
+        validated on its own; the accepted updates among them are stored in one transaction (group commit)
+        and acknowledged after it committed."""
+        started = time.perf_counter()
+        complete: list[Arrival] = []
+        for client, raw in messages:
+            envelope = self._reassemble(client, raw, open_round)
+            if envelope is not None:
+                decision = self.validator.check(client, envelope, open_round.window if open_round else None,
+                                                time.time(), self.announced(client))
+                complete.append(Arrival(client, decision.key or garbage_key(envelope), len(envelope), decision))
+        if complete:
+            self._settle(complete, open_round, started)
+
+    def _settle(self, arrivals: list[Arrival], open_round: OpenRound | None, started: float) -> None:
+        """Answer complete envelopes: redeliveries as before, accepted ones stored together, the rest refused."""
+        previous = self.state.find_updates([a.key for a in arrivals])
+        accepted: list[Arrival] = []
+        again: list[Arrival] = []  # a key a second time in this batch: answered once the first is stored
+        keys: set[str] = set()
+        clients: set[str] = set()
+        for a in arrivals:
+            d = a.decision
+            if a.key in previous:  # a redelivery or a retry: answer as before, count nothing
+                self._answer_again(a.client, a.key, previous[a.key], d)
+            elif a.key in keys:
+                again.append(a)
+            elif d.status == "accepted" and a.client in clients:
+                keys.add(a.key)
+                self._ack(a.client, Ack(a.key, "duplicate", d.header.round, "already_accepted",
+                                        f"{a.client} already has an accepted update in round {d.header.round}"))
+            elif d.status == "accepted":
+                keys.add(a.key)
+                clients.add(a.client)
+                accepted.append(a)
+            elif d.status == "duplicate":
+                keys.add(a.key)
+                self._ack(a.client, Ack(a.key, "duplicate", d.header.round, d.reason, d.message))
+            else:
+                keys.add(a.key)
+                self.record_rejection(a.client, a.key, d.reason, d.message, open_round, d.header, a.size)
+        if accepted:
+            self._accept(accepted, open_round, started)
+        if again:
+            stored = self.state.find_updates([a.key for a in again])
+            for a in again:
+                if a.key in stored:
+                    self._answer_again(a.client, a.key, stored[a.key], a.decision)
+
+    def _reassemble(self, client: str, raw: bytes, open_round: OpenRound | None) -> bytes | None:
+        """The complete envelope once `raw` completes one, else None (refusals recorded and answered)."""
         try:
             chunk = decode_chunk(raw, max_payload=self.validator.max_bytes)
             if not self._may_reassemble(client, chunk, open_round):
                 self._refuse_stream(client, chunk, open_round)
-                return
-            envelope = self.reassembler.add(client, chunk)
+                return None
+            return self.reassembler.add(client, chunk)
         except ValidationError as exc:
             self.record_rejection(client, garbage_key(raw), exc.reason, exc.detail, open_round)
-            return
-        if envelope is None:
-            return
-        started = time.perf_counter()
-        decision = self.validator.check(client, envelope, open_round.window if open_round else None, time.time(),
-                                        self.announced(client))
-        key = decision.key or garbage_key(envelope)
-        previous = self.state.find_update(key)
-        if previous is not None:  # a redelivery or a retry: answer as before, count nothing
-            self._answer_again(client, key, previous, decision)
-        elif decision.status == "accepted":
-            self._accept(client, decision, len(envelope), open_round)
-            metrics.INGEST_SECONDS.labels(self.job).observe(time.perf_counter() - started)
-        elif decision.status == "duplicate":
-            self._ack(client, Ack(key, "duplicate", decision.header.round, decision.reason, decision.message))
-        else:
-            self.record_rejection(client, key, decision.reason, decision.message, open_round, decision.header,
-                                  len(envelope))
+            return None
 
     def _may_reassemble(self, client: str, chunk: Chunk, open_round: OpenRound | None) -> bool:
         """Only senders selected in the open round may start a multi-chunk stream (reassembly holds memory);
@@ -219,17 +266,27 @@ class UpdateIntake:
         message = f"already received ({previous.reason})"[:500] if code else "already received"
         self._ack(client, Ack(key, status, decision.header.round if decision.header else None, code, message))
 
-    def _accept(self, client: str, decision: Decision, size: int, open_round: OpenRound) -> None:
-        header = decision.header
-        sha = self.store.put(decision.payload)
-        stored = self.state.add_update(UpdateRecord(
-            open_round.row_id, client, header.idempotency_key, "accepted", header.base_version,
-            header.num_samples, list(header.label_counts), dict(header.metrics), payload_sha256=sha,
-            payload_bytes=size))
-        if stored:
-            open_round.add(client, decision.tensors, header.num_samples, header.label_counts, header.metrics, size)
-            metrics.BYTES_IN.labels(self.job).inc(size)
-        self._ack(client, Ack(header.idempotency_key, "accepted" if stored else "duplicate", header.round))
+    def _accept(self, arrivals: list[Arrival], open_round: OpenRound, started: float) -> None:
+        """Store the payloads, then the rows in one transaction; only then count and acknowledge them."""
+        records = []
+        shas = self.store.put_many([a.decision.payload for a in arrivals],  # digests checked by decode_update
+                                   [a.decision.header.tensors_sha256 for a in arrivals])
+        for a, sha in zip(arrivals, shas):
+            header = a.decision.header
+            records.append(UpdateRecord(
+                open_round.row_id, a.client, header.idempotency_key, "accepted", header.base_version,
+                header.num_samples, list(header.label_counts), dict(header.metrics),
+                payload_sha256=sha, payload_bytes=a.size))
+        stored = self.state.add_updates(records)
+        elapsed = time.perf_counter() - started
+        for a, inserted in zip(arrivals, stored):
+            header = a.decision.header
+            if inserted:
+                open_round.add(a.client, a.decision.tensors, header.num_samples, header.label_counts, header.metrics,
+                               a.size)
+                metrics.BYTES_IN.labels(self.job).inc(a.size)
+                metrics.INGEST_SECONDS.labels(self.job).observe(elapsed)
+            self._ack(a.client, Ack(header.idempotency_key, "accepted" if inserted else "duplicate", header.round))
 
     def record_rejection(self, client: str, key: str, reason: str, message: str, open_round: OpenRound | None,
                          header: UpdateHeader | None = None, size: int = 0) -> None:

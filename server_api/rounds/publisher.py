@@ -11,9 +11,9 @@ from server_api.db.store import ArtifactStore
 from server_api.rounds.context import Link, publish_confirmed
 from server_api.rounds.runtime import JobRuntime, VersionArtifacts
 from server_api.rounds.state import JobStore, RoundResult, VersionRecord
+from shared.algorithm.schedule import selection_rank
 from shared.protocol.frames import split_chunks
 from shared.protocol.job import JobConfig
-from shared.algorithm.schedule import selection_rank
 from shared.protocol.messages import (
     MAX_LISTED_SELECTION,
     ArtifactRef,

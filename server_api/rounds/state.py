@@ -141,7 +141,9 @@ class JobStore(Protocol):
     def latest_round_id(self) -> int | None: ...
     # updates
     def find_update(self, key: str) -> UpdateRecord | None: ...
+    def find_updates(self, keys: Sequence[str]) -> dict[str, UpdateRecord]: ...
     def add_update(self, record: UpdateRecord) -> bool: ...
+    def add_updates(self, records: Sequence[UpdateRecord]) -> list[bool]: ...
     def accepted_updates(self, round_id: int) -> list[UpdateRecord]: ...
     # clients
     def online_clients(self) -> list[ClientRecord]: ...
@@ -247,23 +249,42 @@ class SqlJobStore:
     def find_update(self, key: str) -> UpdateRecord | None:
         return self._tx(lambda s: _update_record(queries.update_by_key(s, self.job_id, key)))
 
+    def find_updates(self, keys: Sequence[str]) -> dict[str, UpdateRecord]:
+        """The stored updates among `keys`, by key, in one query."""
+        if not keys:
+            return {}
+        return self._tx(lambda s: {u.idempotency_key: _update_record(u)
+                                   for u in queries.updates_by_keys(s, self.job_id, keys)})
+
     def add_update(self, record: UpdateRecord) -> bool:
         """Insert the record unless an update with its idempotency key exists; True if it was inserted."""
-        def write(s: Session) -> bool:
-            if queries.update_by_key(s, self.job_id, record.idempotency_key) is not None:
-                return False
-            s.add(ClientUpdate(
-                job_id=self.job_id, round_id=record.round_id, client_id=record.client_id,
-                idempotency_key=record.idempotency_key, base_version=record.base_version,
-                num_samples=record.num_samples, label_counts=list(record.label_counts),
-                metrics=dict(record.metrics), status=UpdateStatus(record.status), reason=record.reason,
-                payload_sha256=record.payload_sha256, payload_bytes=record.payload_bytes))
+        return self.add_updates([record])[0]
+
+    def add_updates(self, records: Sequence[UpdateRecord]) -> list[bool]:
+        """Insert the records whose idempotency keys are not stored yet, in one transaction (group commit);
+        for each, True if it was inserted. Keys must be distinct."""
+        def write(s: Session) -> list[bool]:
+            taken = {u.idempotency_key for u in queries.updates_by_keys(s, self.job_id,
+                                                                        [r.idempotency_key for r in records])}
+            s.add_all([self._row(r) for r in records if r.idempotency_key not in taken])
             s.flush()
-            return True
+            return [r.idempotency_key not in taken for r in records]
+        if not records:
+            return []
         try:
             return self._tx(write)
-        except IntegrityError:  # another server process stored the same key meanwhile
-            return False
+        except IntegrityError:  # another server process stored one of the keys meanwhile: one at a time
+            if len(records) == 1:
+                return [False]
+            return [self.add_updates([r])[0] for r in records]
+
+    def _row(self, record: UpdateRecord) -> ClientUpdate:
+        return ClientUpdate(
+            job_id=self.job_id, round_id=record.round_id, client_id=record.client_id,
+            idempotency_key=record.idempotency_key, base_version=record.base_version,
+            num_samples=record.num_samples, label_counts=list(record.label_counts),
+            metrics=dict(record.metrics), status=UpdateStatus(record.status), reason=record.reason,
+            payload_sha256=record.payload_sha256, payload_bytes=record.payload_bytes)
 
     def accepted_updates(self, round_id: int) -> list[UpdateRecord]:
         return self._tx(lambda s: [_update_record(u) for u in queries.accepted_updates(s, round_id)])

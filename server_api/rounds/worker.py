@@ -13,7 +13,9 @@ cannot be handled is refused and logged, and the job goes on: only a fault of th
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -38,6 +40,17 @@ log = logging.getLogger("fedgen.server")
 
 
 ENDED = ("finished", "failed", "cancelled")
+INGEST_BATCH_ENV = "FEDGEN_INGEST_BATCH"  # messages handled together: accepted updates stored per transaction
+DEFAULT_INGEST_BATCH = 256
+
+
+def ingest_batch() -> int:
+    """$FEDGEN_INGEST_BATCH when it is an integer 1..10000 (1: one transaction per update), else 256."""
+    try:
+        value = int(os.environ.get(INGEST_BATCH_ENV, DEFAULT_INGEST_BATCH))
+    except ValueError:
+        return DEFAULT_INGEST_BATCH
+    return value if 1 <= value <= 10_000 else DEFAULT_INGEST_BATCH
 
 
 class JobGaveUp(Exception):
@@ -62,6 +75,7 @@ class JobWorker(threading.Thread):
         self.waiting: tuple[int, int] | None = None  # (online, needed) while a round waits for devices
         self._last_expiry = 0.0
         self._waiting_logged = 0.0
+        self.batch = ingest_batch()
 
     # ------------------------------------------------------------------------------------------ thread
     def run(self) -> None:
@@ -239,12 +253,17 @@ class JobWorker(threading.Thread):
         while True:
             self._expire_streams()
             try:
-                msg = self.inbox.get(timeout=max(0.0, min(1.0, end - time.monotonic())))
+                batch = [self.inbox.get(timeout=max(0.0, min(1.0, end - time.monotonic())))]
             except queue.Empty:
                 if time.monotonic() >= end:
                     return
                 continue
-            self._handle(msg)
+            while len(batch) < self.batch:  # what else has arrived: handled together (group commit)
+                try:
+                    batch.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._handle_many(batch)
             if (until is not None and until()) or (time.monotonic() >= end and self.inbox.empty()):
                 return
 
@@ -260,25 +279,43 @@ class JobWorker(threading.Thread):
         metrics.REFUSED.labels(self.job_id, reason).inc()
 
     def _handle(self, msg: Message) -> None:
-        """The per-message error boundary: whatever one message does, it is refused, counted and logged, and
-        the loop goes on."""
-        client = self.topics.client_of(msg.topic)
-        if client is None:
-            self._refused("bad_topic")
-            return
-        kind = msg.topic.rsplit("/", 1)[-1]
+        self._handle_many([msg])
+
+    def _handle_many(self, batch: list[Message]) -> None:
+        """Messages in arrival order; consecutive updates go to the intake together (one transaction for the
+        accepted ones), a presence in between is handled in its place."""
+        updates: list[tuple[str, bytes]] = []
+        for msg in batch:
+            client = self.topics.client_of(msg.topic)
+            if client is None:
+                self._refused("bad_topic")
+            elif msg.topic.endswith("/update"):
+                updates.append((client, msg.payload))
+            else:
+                self._flush(updates)
+                updates = []
+                self._guarded("presence", client, functools.partial(self.clients.receive, client, msg.payload))
+        self._flush(updates)
+
+    def _flush(self, updates: list[tuple[str, bytes]]) -> None:
+        if updates:
+            senders = ", ".join(sorted({c for c, _ in updates})[:5]) + (" ..." if len(updates) > 5 else "")
+            self._guarded("update", senders, lambda: self.intake.receive_many(updates, self.open), len(updates))
+
+    def _guarded(self, kind: str, sender: str, handle: Callable[[], None], count: int = 1) -> None:
+        """The per-message error boundary: whatever a message does, it is refused, counted and logged, and the
+        loop goes on. (The intake refuses bad updates itself, one by one; what reaches here from a batch of
+        updates is a fault of this server, and their senders retry: nothing was acknowledged.)"""
         try:
-            if kind == "presence":
-                self.clients.receive(client, msg.payload)
-            elif kind == "update":
-                self.intake.receive(client, msg.payload, self.open)
+            handle()
         except ValidationError as exc:
             self._refused(exc.reason)
-            log.warning("job %s: refused a %s message from %s: %s", self.job_id, kind, client, exc)
+            log.warning("job %s: refused a %s message from %s: %s", self.job_id, kind, sender, exc)
         except Stopping:
             raise
         except Exception as exc:  # a fault of this server, not of the sender: logged with its traceback
-            self._refused("internal_error")
-            log.exception("job %s: could not handle a %s message from %s (%s)", self.job_id, kind, client,
-                          type(exc).__name__)
+            for _ in range(count):
+                self._refused("internal_error")
+            log.exception("job %s: could not handle %d %s message(s) from %s (%s)", self.job_id, count, kind,
+                          sender, type(exc).__name__)
 

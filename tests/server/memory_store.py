@@ -78,11 +78,18 @@ class MemoryJobStore:
     def find_update(self, key: str) -> UpdateRecord | None:
         return self.updates.get(key)
 
+    def find_updates(self, keys: Sequence[str]) -> dict[str, UpdateRecord]:
+        return {k: self.updates[k] for k in keys if k in self.updates}
+
     def add_update(self, record: UpdateRecord) -> bool:
-        if record.idempotency_key in self.updates:
-            return False
-        self.updates[record.idempotency_key] = record
-        return True
+        return self.add_updates([record])[0]
+
+    def add_updates(self, records: Sequence[UpdateRecord]) -> list[bool]:
+        stored = []
+        for record in records:
+            stored.append(record.idempotency_key not in self.updates)
+            self.updates.setdefault(record.idempotency_key, record)
+        return stored
 
     def accepted_updates(self, round_id: int) -> list[UpdateRecord]:
         return [u for u in self.updates.values() if u.round_id == round_id and u.status == "accepted"]

@@ -95,6 +95,32 @@ def test_a_second_update_of_a_client_is_a_duplicate_and_not_counted(engine: Engi
     assert engine.acks("a")[1].reason == "already_accepted" and opened.accumulator.count == 1
 
 
+def test_a_batch_is_stored_together_and_each_update_answered_once(tmp_path):
+    """Group commit: honest updates, a redelivery inside the batch, a second update of one client, a rejected
+    and a garbage one, handed to the intake together: each answered as it would be alone, one row per key."""
+    engine = Engine(tmp_path, active=4)
+    opened = engine.rounds.open(0, ["a", "b", "c", "d"])
+    assert opened.window.selected == {"a", "b", "c", "d"}
+    first_a = engine.update("a", opened, key="a" * 16)
+    batch = [("a", first_a), ("b", engine.update("b", opened, key="b" * 16)), ("a", first_a),
+             ("a", engine.update("a", opened, key="A" * 16)), ("c", engine.update("c", opened, base_version=9)),
+             ("d", b"not a frame"), ("d", engine.update("d", opened, key="d" * 16))]
+    frames = [(c, chunk) for c, env in batch for chunk in split_chunks(env, "s-" + uuid.uuid4().hex, 1 << 20)]
+    engine.intake.receive_many(frames, opened)
+    by_key = {}
+    for ack in engine.acks("a"):
+        by_key.setdefault(ack.idempotency_key, []).append((ack.status, ack.reason))
+    assert by_key == {"a" * 16: [("accepted", None), ("duplicate", None)],  # the redelivery after the commit
+                      "A" * 16: [("duplicate", "already_accepted")]}
+    assert [a.status for a in engine.acks("b")] == ["accepted"]
+    assert [(a.status, a.reason) for a in engine.acks("c")] == [("rejected", "wrong_version")]
+    assert [a.status for a in engine.acks("d")] == ["rejected", "accepted"]
+    assert opened.window.accepted == {"a", "b", "d"} and opened.accumulator.count == 3
+    assert engine.state.updates["a" * 16].status == "accepted" and "A" * 16 not in engine.state.updates
+    assert engine.state.updates["d" * 16].status == "accepted"
+    assert sum(u.status == "accepted" for u in engine.state.updates.values()) == 3
+
+
 @pytest.mark.parametrize("changes, reason", [
     (dict(client="b"), "client_mismatch"),
     (dict(base_version=7), "wrong_version"),
