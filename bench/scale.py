@@ -2,7 +2,7 @@
 delivery rate for the same payloads, with the server's peak memory and round-close time, for rounds of N
 devices. Writes bench/results/scale.md; its last line printed is one JSON object for the largest run.
 
-    python bench/scale.py [--devices 1000,3000,10000] [--db sqlite|postgres] [--mode partial|full]
+    python bench/scale.py [--devices 1000,3000,10000] [--db sqlite,postgres] [--mode partial,full]
                           [--batch 256,1] [--pg-url URL]
 
 One paho connection publishes the round's N updates (valid FedAvg updates crafted for N device ids; the
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -189,32 +190,35 @@ def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", default="1000,3000,10000")
-    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--db", default="sqlite", help="sqlite, postgres or both (comma-separated)")
     parser.add_argument("--pg-url", default=os.environ.get("FEDGEN_TEST_POSTGRES_URL",
                                                            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
-    parser.add_argument("--mode", choices=("partial", "full"), default="partial")
+    parser.add_argument("--mode", default="partial", help="partial (theta^p uploads), full, or both")
     parser.add_argument("--batch", default="256,1", help="FEDGEN_INGEST_BATCH values to compare")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedgen-scale"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.md")
     args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)  # a fresh database and store per run
     broker = start_broker(config=dev_broker_config(), workdir=args.workdir / "broker")
     rows = []
     try:
-        for devices in (int(d) for d in args.devices.split(",")):
-            items, _ = crafted_updates(job_config("raw", devices, args.mode), [f"d{i:06d}" for i in range(devices)])
-            raw = raw_rate(broker.port, items)
-            for batch in (int(b) for b in args.batch.split(",")):
-                db_url = None
-                if args.db == "postgres":
-                    db_url = fresh_postgres(args.pg_url, f"fedgen_scale_{devices}_{batch}")
-                row = server_run(broker.url, broker.port, devices, args.mode, db_url, batch, args.workdir)
-                row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=args.db)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for mode in args.mode.split(","):
+            for devices in (int(d) for d in args.devices.split(",")):
+                items, _ = crafted_updates(job_config("raw", devices, mode), [f"d{i:06d}" for i in range(devices)])
+                raw = raw_rate(broker.port, items)
+                for db in args.db.split(","):
+                    for batch in (int(b) for b in args.batch.split(",")):
+                        db_url = None
+                        if db == "postgres":
+                            db_url = fresh_postgres(args.pg_url, f"fedgen_scale_{mode}_{devices}_{batch}")
+                        row = server_run(broker.url, broker.port, devices, mode, db_url, batch, args.workdir / db)
+                        row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     finally:
         broker.stop()
     write_report(rows, args)
-    largest = max(rows, key=lambda r: (r["devices"], r["batch"]))
+    largest = max(rows, key=lambda r: (r["devices"], r["batch"], r["db"] == "sqlite", r["mode"] == "full"))
     print(json.dumps({k: largest[k] for k in ("devices", "server_per_s", "raw_per_s", "ratio", "lost",
                                               "duplicated", "peak_rss_mib", "batch", "mode", "db")}))
     return 0
@@ -240,10 +244,11 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
              "in the same run. Server: accepted and acknowledged updates per second, from the first publish to "
              "the last ack; peak RSS of the server process (VmHWM). A shared, noisy machine: compare the rows of "
              "one run.", "",
-             "| devices | payload (B) | ingest batch | server (upd/s) | raw (msg/s) | server / raw | lost | duplicated "
-             "| accepted | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | database | devices | payload (B) | ingest batch | server (upd/s) | raw (msg/s) | server / raw "
+             "| lost | duplicated | accepted | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['devices']:,} | {r['payload_bytes']:,} | {r['batch']} | {r['server_per_s']:.0f} | "
+        lines.append(f"| {r['mode']} | {r['db']} | {r['devices']:,} | {r['payload_bytes']:,} | {r['batch']} | "
+                     f"{r['server_per_s']:.0f} | "
                      f"{r['raw_per_s']:.0f} | {r['ratio']:.3f} | {r['lost']} | {r['duplicated']} | {r['accepted']:,} | "
                      f"{r['peak_rss_mib']:.0f} |")
     args.out.write_text("\n".join(lines) + "\n")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,10 +41,37 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644, sync_dir: bool = True) -> None:
+def syncfs(path: str | os.PathLike) -> bool:
+    """Flush every write of the file system holding `path` to disk in one call (Linux syncfs(2)); False where
+    that is not available, and the caller must fsync file by file."""
+    libc = _libc()
+    if libc is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return libc.syncfs(fd) == 0
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "syncfs") else None
+    except OSError:
+        return None
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the whole new one: a temporary
-    file in the same directory, fsync, rename over `path`, fsync of the directory (unless `sync_dir` is
-    False: the caller then fsyncs the directory itself, once for many files). Creates parent folders."""
+    file in the same directory, fsync, rename over `path`, fsync of the directory. With `sync` False neither
+    fsync happens: the caller makes many such writes durable at once (`syncfs`). Creates parent folders."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
@@ -49,11 +79,12 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644, sync_d
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if sync_dir:
+    if sync:
         fsync_dir(target.parent)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared.fsutil import atomic_write, file_sha256, fsync_dir, sha256_hex
+from shared.fsutil import atomic_write, file_sha256, sha256_hex, syncfs
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -72,18 +72,20 @@ class ArtifactStore:
         return sha
 
     def put_many(self, blobs: list[bytes], digests: list[str] | None = None) -> list[str]:
-        """`put` for many blobs, each file synced, each directory synced once at the end (group commit).
+        """`put` for many blobs, durable when it returns: written and renamed without a sync each, then one
+        syncfs(2) for them all (group commit); where syncfs is missing, every file and directory is synced.
         `digests`: their sha256, when the caller has just verified them (an update's tensors_sha256)."""
-        shas, folders = [], set()
+        shas, written = [], []
         for i, data in enumerate(blobs):
             sha = digests[i] if digests is not None else sha256_hex(data)
             target = self.path(sha)
             if not (target.is_file() and file_sha256(target) == sha):
-                atomic_write(target, data, sync_dir=False)
-                folders.add(target.parent)
+                atomic_write(target, data, sync=False)
+                written.append((target, data))
             shas.append(sha)
-        for folder in folders:
-            fsync_dir(folder)
+        if written and not syncfs(self.root):
+            for target, data in written:
+                atomic_write(target, data)  # the slow, portable way: again, synced
         return shas
 
     def get(self, sha: str) -> bytes:

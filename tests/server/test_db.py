@@ -637,6 +637,25 @@ def test_store_put_is_idempotent(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [sha[2:]]  # no temp files left
 
 
+@pytest.mark.parametrize("with_syncfs", [True, False])
+def test_store_put_many_writes_each_blob_once(tmp_path: Path, monkeypatch, with_syncfs: bool) -> None:
+    """The group-commit write: one syncfs for the batch, or (without syncfs) every file synced; the same
+    content addressed files either way, an existing blob not rewritten, no temp files left."""
+    import server_api.db.store as store_module
+
+    if not with_syncfs:
+        monkeypatch.setattr(store_module, "syncfs", lambda path: False)
+    store = ArtifactStore(tmp_path)
+    kept = store.put(b"already there")
+    mtime = store.path(kept).stat().st_mtime_ns
+    blobs = [os.urandom(2000) for _ in range(20)] + [b"already there"]
+    shas = store.put_many(blobs, digests=[sha256_hex(b) for b in blobs])
+    assert shas == [sha256_hex(b) for b in blobs] == store.put_many(blobs)
+    assert all(store.get(sha) == blob for sha, blob in zip(shas, blobs))
+    assert store.path(kept).stat().st_mtime_ns == mtime
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
+
+
 def test_store_detects_corruption(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     sha = store.put(b"\x00\x01weights\x02")
