@@ -246,10 +246,13 @@ def _numel(dims: Iterable[int]) -> int:
 def _make_session(blob: bytes, threads: int) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
+    # fatal only, for the session and for onnxruntime's process-wide logger (the allocator reports an
+    # impossible size there): a refused model is reported by ValidationError, never as a line on stderr
+    ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 4  # fatal only: a refused model is reported by ValidationError, not on stderr
+    options.log_severity_level = 4
     try:  # no fallback: it would retry the same CPU provider and print "EP Error" banners to stdout
         session = ort.InferenceSession(bytes(blob), sess_options=options, providers=["CPUExecutionProvider"],
                                        enable_fallback=0)
