@@ -74,26 +74,11 @@ for r in range(first, first + repeats):
 print(json.dumps(out))
 """
 
-# Runs argv[2:] as a grandchild and writes its peak RSS in bytes (wait4's ru_maxrss) to argv[1]. A process
-# started straight from this (large) one would report at least this one's RSS: Linux carries the parent's
-# high-water mark through fork (or vfork) and exec into the child's ru_maxrss. This wrapper is small (python -S,
-# ~10 MiB), so what it reports is the command's own peak.
-RSS_WRAPPER = r"""
-import os, signal, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss * 1024))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
+RSS_WRAPPER = Path(__file__).resolve().parent / "rss_wrapper.py"  # python -S RSS_WRAPPER OUT CMD...
 
 # Cold start of the edge client with one runtime, in a fresh process: argv = runtime.
 START_PROBE = r"""
-import json, sys, time
+import json, platform, sys, time
 t0 = time.perf_counter()
 import edge_client.client
 from edge_client.runtime import make_runtime
@@ -102,8 +87,9 @@ rt = make_runtime(sys.argv[1], threads=1)
 rt.prepare(AlgorithmConfig(algorithm="fedgen"), (1, 28, 28), 10)
 rt.template()
 import onnx, onnxruntime
-t = time.perf_counter() - t0
-print(json.dumps({"start_s": t, "torch_loaded": "torch" in sys.modules}))
+print(json.dumps({"start_s": time.perf_counter() - t0, "machine": platform.machine(),
+                  "python": platform.python_version(), "runtime_version": rt.version,
+                  "torch_loaded": "torch" in sys.modules}))
 """
 
 
@@ -203,7 +189,7 @@ def local_update_times(repeats: int, blocks: int = 3) -> tuple[dict[str, dict[st
 
 def measured(cmd: list[str], rss_file: Path) -> list[str]:
     """`cmd` under RSS_WRAPPER, which writes its peak RSS (bytes) to `rss_file` when it exits."""
-    return [sys.executable, "-S", "-c", RSS_WRAPPER, str(rss_file), *cmd]
+    return [sys.executable, "-S", str(RSS_WRAPPER), str(rss_file), *cmd]
 
 
 def start_probes(repeats: int) -> dict[str, list[dict]]:

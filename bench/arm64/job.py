@@ -29,37 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.footprint import RSS_WRAPPER, START_PROBE  # noqa: E402
 from server_api.devfleet.fleet import Fleet, FleetConfig  # noqa: E402
 
-# Runs argv[2:] as its child and writes the child's peak RSS (bytes) to argv[1] (see bench/footprint.py: a child
-# of a large process would inherit that process's RSS high-water mark into its ru_maxrss).
-RSS_WRAPPER = r"""
-import os, signal, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss * 1024))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-START_PROBE = r"""
-import json, platform, sys, time
-t0 = time.perf_counter()
-import edge_client.client
-from edge_client.runtime import make_runtime
-from shared.algorithm.config import AlgorithmConfig
-rt = make_runtime(sys.argv[1], threads=1)
-rt.prepare(AlgorithmConfig(algorithm="fedgen"), (1, 28, 28), 10)
-rt.template()
-import onnx, onnxruntime
-print(json.dumps({"start_s": time.perf_counter() - t0, "machine": platform.machine(),
-                  "python": platform.python_version(), "runtime_version": rt.version,
-                  "torch_loaded": "torch" in sys.modules}))
-"""
 # The device's environment inside the root file system: nothing of the host's (its pip settings, paths).
 GUEST_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
              "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -126,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--runtime", args.runtime, "--retry", "60", "-v"]
         started = time.monotonic()
         with open(args.workdir / "edge-c0-arm64.log", "wb") as log:
-            arm64 = subprocess.Popen([sys.executable, "-S", "-c", RSS_WRAPPER, str(rss_file),
+            arm64 = subprocess.Popen([sys.executable, "-S", str(RSS_WRAPPER), str(rss_file),
                                       *in_root(args.root, device, args.qemu_cpu)], stdout=log,
                                      stderr=subprocess.STDOUT)
         fleet.clients[0] = arm64  # stopped with the fleet

@@ -171,21 +171,7 @@ def memory_cgroup() -> Iterator[Callable[[], MemoryCgroup]]:
         group.remove()
 
 
-# Runs argv[2:] as its child and writes the child's peak RSS (bytes) to argv[1]. Measured through this small
-# process (python -S) because a child of the test process would inherit the test process's RSS high-water mark
-# into its ru_maxrss (Linux carries it through fork and exec).
-RSS_WRAPPER = r"""
-import os, signal, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss * 1024))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
+RSS_WRAPPER = Path(__file__).resolve().parents[2] / "bench" / "rss_wrapper.py"  # peak RSS of a command
 
 
 def run(cmd: list[str], timeout: float, **kwargs) -> int:
@@ -224,7 +210,7 @@ def test_lite_client_finishes_a_job_in_256_mib(memory_cgroup, tmp_path):
                str(fleet.workdir / "edge" / "c0"), "--runtime", "lite", "-v"]
         log, rss_file = fleet.workdir / "edge-c0.log", fleet.workdir / "edge-c0.rss"
         with open(log, "wb") as out:
-            rc = run(group.wrap([sys.executable, "-S", "-c", RSS_WRAPPER, str(rss_file), *cmd]), timeout=600,
+            rc = run(group.wrap([sys.executable, "-S", str(RSS_WRAPPER), str(rss_file), *cmd]), timeout=600,
                      stdout=out, stderr=subprocess.STDOUT)
         summary = fleet.wait(timeout=60)
         tail = log.read_text(errors="replace")[-3000:]
