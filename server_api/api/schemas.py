@@ -48,16 +48,14 @@ class JobList(Page):
     items: list[JobOut]
 
 
-class RoundOut(BaseModel):
-    """One attempt at one round."""
+class RoundPoint(BaseModel):
+    """One round attempt, without its selection (what the dashboard's curves need)."""
 
     model_config = ConfigDict(from_attributes=True)
 
     index: int
     attempt: int
     status: Literal["open", "aggregating", "closed", "failed"]
-    selected: list[str]
-    deadline: datetime
     started_at: datetime
     closed_at: datetime | None
     accuracy: float | None
@@ -68,6 +66,13 @@ class RoundOut(BaseModel):
     num_updates: int
     model_version: int | None
     failure_reason: str | None
+
+
+class RoundOut(RoundPoint):
+    """One attempt at one round."""
+
+    selected: list[str]
+    deadline: datetime
 
 
 class RoundList(Page):

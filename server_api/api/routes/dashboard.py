@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from server_api.api.deps import JobIdPath, ServicesDep, SessionDep
 from server_api.api.errors import ApiError
 from server_api.api.routes.jobs import job_out
-from server_api.api.schemas import ErrorResponse, JobOut
+from server_api.api.schemas import ErrorResponse, JobOut, RoundPoint
 from server_api.db import queries
 from server_api.db.models import Client, Job, Round, RoundStatus, UpdateStatus, utcnow
 
@@ -42,26 +42,6 @@ PAGE_HEADERS = {
 
 
 # ------------------------------------------------------------------------------------------------- models
-class RoundPoint(BaseModel):
-    """One round attempt, as the curves need it."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    index: int
-    attempt: int
-    status: Literal["open", "aggregating", "closed", "failed"]
-    started_at: datetime
-    closed_at: datetime | None
-    accuracy: float | None
-    loss: float | None
-    generator_loss: float | None
-    bytes_up: int
-    bytes_down: int
-    num_updates: int
-    model_version: int | None
-    failure_reason: str | None
-
-
 class CurrentRound(BaseModel):
     """The latest round attempt and where it stands."""
 
