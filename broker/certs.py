@@ -7,7 +7,9 @@ Creates, in an output directory:
 * ``server.key`` / ``server.crt``  -- a server certificate signed by that CA whose
   subjectAltName covers ``localhost`` and ``127.0.0.1`` (plus any ``--san`` given)
 * ``<name>.key`` / ``<name>.crt``  -- optional client certificates (``--client NAME``),
-  with the client name as CN, for brokers that set ``require_certificate true``
+  with the client name as CN, for the certificate listener (``require_certificate true``)
+* ``crl.pem``                      -- the CA's certificate revocation list (empty at first; see
+  :func:`revoke_cert`), which that listener checks, with its database ``ca-index.txt``
 
 Stdlib only; shells out to the ``openssl`` binary (OpenSSL 1.1.1 or 3.x).
 Keys are EC P-256 (fast to generate, supported by Mosquitto 2.0's OpenSSL builds).
@@ -16,6 +18,7 @@ Usage::
 
     python broker/certs.py --out ./certs
     python broker/certs.py --out ./certs --client dev-a --client dev-b --san DNS:broker.lan
+    python broker/certs.py --out ./certs --renew-crl      # the revocation list, valid --days days again
 """
 
 from __future__ import annotations
@@ -143,6 +146,56 @@ def make_client_cert(ca: CertPair, out: Path, client: str, days: int = DEFAULT_D
     return _sign(ca, client, out, client, ext, days)
 
 
+_CA_CONFIG = """[ca]
+default_ca = fleet
+[fleet]
+database = {index}
+certificate = {cert}
+private_key = {key}
+default_md = sha256
+default_crl_days = {days}
+"""
+
+
+def _ca_command(ca: CertPair, args: list[str], days: int) -> None:
+    """Run ``openssl ca`` with a minimal config whose database is ``ca-index.txt`` beside the CA."""
+    if not ca.cert.is_file() or not ca.key.is_file():
+        raise CertError(f"no CA in {ca.cert.parent} (ca.crt and ca.key)")
+    index = ca.cert.parent / "ca-index.txt"
+    index.touch()
+    attr = index.with_name("ca-index.txt.attr")
+    if not attr.exists():
+        attr.write_text("unique_subject = no\n", encoding="ascii")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "ca.cnf"
+        config.write_text(_CA_CONFIG.format(index=index.resolve(), cert=ca.cert.resolve(), key=ca.key.resolve(),
+                                            days=days), encoding="ascii")
+        _run(["ca", "-batch", "-config", str(config), *args])
+
+
+def crl_path(ca: CertPair) -> Path:
+    """The CA's revocation list, beside its certificate."""
+    return ca.cert.parent / "crl.pem"
+
+
+def make_crl(ca: CertPair, days: int = DEFAULT_DAYS) -> Path:
+    """(Re)write the CA's CRL from its database; valid ``days`` days (an expired CRL refuses every client)."""
+    _ca_command(ca, ["-gencrl", "-out", str(crl_path(ca))], days)
+    return crl_path(ca)
+
+
+def revoke_cert(ca: CertPair, cert: Path, days: int = DEFAULT_DAYS) -> Path:
+    """Mark ``cert`` revoked in the CA's database and rewrite the CRL; returns the CRL's path.
+
+    Revoking a certificate twice is not an error (the CRL is rewritten all the same)."""
+    try:
+        _ca_command(ca, ["-revoke", str(cert)], days)
+    except CertError as exc:
+        if "already revoked" not in str(exc).lower():
+            raise
+    return make_crl(ca, days)
+
+
 def make_dev_pki(out: Path, extra_sans: list[str] | None = None, clients: list[str] | None = None,
                  days: int = DEFAULT_DAYS) -> DevPKI:
     """Generate CA, server certificate and optional client certificates into ``out``."""
@@ -150,6 +203,7 @@ def make_dev_pki(out: Path, extra_sans: list[str] | None = None, clients: list[s
     ca = make_ca(out, days)
     server = make_server_cert(ca, out, [*DEFAULT_SANS, *(extra_sans or [])], days)
     client_pairs = {c: make_client_cert(ca, out, c, days) for c in clients or []}
+    make_crl(ca, days)
     return DevPKI(ca, server, client_pairs)
 
 
@@ -160,11 +214,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="extra server subjectAltName (DNS:name, IP:addr, or a bare name/address); repeatable")
     p.add_argument("--client", action="append", default=[], help="also create a client certificate; repeatable")
     p.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"validity in days (default {DEFAULT_DAYS})")
+    p.add_argument("--renew-crl", action="store_true",
+                   help="only rewrite the revocation list crl.pem of the CA in --out (valid --days days again)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.renew_crl:
+        try:
+            print(f"crlfile  {make_crl(CertPair(args.out / 'ca.crt', args.out / 'ca.key'), args.days)}")
+        except CertError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         pki = make_dev_pki(args.out, args.san, args.client, args.days)
     except CertError as exc:
@@ -173,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cafile   {pki.ca.cert}")
     print(f"certfile {pki.server.cert}")
     print(f"keyfile  {pki.server.key}")
+    print(f"crlfile  {crl_path(pki.ca)}")
     for name, pair in pki.clients.items():
         print(f"client {name}: {pair.cert} {pair.key}")
     return 0

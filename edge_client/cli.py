@@ -10,7 +10,7 @@ import sys
 
 from edge_client.state import auto_client_id, lock_state_dir
 from shared.data.datasets import DATA_DIR_ENV, dataset_folder
-from shared.mqtt import BrokerAddress
+from shared.mqtt import BrokerAddress, client_certificate_name
 
 
 def _check_data_file(path: str) -> None:
@@ -28,6 +28,13 @@ def _check_data_file(path: str) -> None:
         raise ValueError(f"--data {path}: not a readable .npz ({exc})") from None
     if missing:
         raise ValueError(f"--data {path}: lacks the array(s) {', '.join(missing)}")
+
+
+def _certificate_name(args: argparse.Namespace) -> str | None:
+    """The CN of --tls-cert (checked against --tls-key), or None without a client certificate."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return client_certificate_name(args.tls_cert, args.tls_key) if args.tls_cert else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password", default=None, help="MQTT password; prefer the environment variable "
                    "FEDGEN_MQTT_PASSWORD (a command line is visible to other users of the device)")
     p.add_argument("--tls-ca", default=None, help="CA certificate to verify the broker's TLS certificate")
+    p.add_argument("--tls-cert", default=None, help="this device's client certificate (from `fedgen devices add "
+                   "--cert`), for the broker's certificate listener: no password needed; its CN is the client id")
+    p.add_argument("--tls-key", default=None, help="the private key of --tls-cert")
     p.add_argument("--retry", type=float, default=10.0, help="seconds between re-sends of an unacknowledged update")
     p.add_argument("--keep-running", action="store_true", help="stay connected after the job finished")
     p.add_argument("--job-wait", type=float, default=60.0, metavar="SECONDS",
@@ -76,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         BrokerAddress.parse(args.broker)
         state_dir, lock = args.state_dir, None
-        if args.client_id == "auto" and args.username:
+        cert_name = _certificate_name(args)
+        if cert_name is not None and args.client_id in ("auto", cert_name):
+            args.client_id = cert_name
+        elif cert_name is not None:
+            raise ValueError(f"--client-id {args.client_id} differs from the CN of --tls-cert ({cert_name}): the "
+                             "certificate listener gives the device its certificate's name as client id")
+        elif args.client_id == "auto" and args.username:
             args.client_id = args.username
         elif args.client_id == "auto":
             state_dir = state_dir or os.path.join("edge-state", "auto")
@@ -113,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                        state_dir=state_dir,
                        partition=spec, partition_index=index, data_loader=loader, data_dir=args.data_dir,
                        username=args.username, password=args.password or os.environ.get("FEDGEN_MQTT_PASSWORD"),
-                       tls_ca=args.tls_ca, retry_s=args.retry, exit_when_finished=not args.keep_running,
+                       tls_ca=args.tls_ca, tls_cert=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+                       retry_s=args.retry, exit_when_finished=not args.keep_running,
                        runtime=args.runtime, threads=args.threads, device=args.device,
                        job_wait_s=args.job_wait or None)
     try:

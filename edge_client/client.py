@@ -62,6 +62,7 @@ class EdgeOptions:
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None
+    tls_cert: tuple[str, str] | None = None  # (certificate, key) for the broker's certificate listener
     retry_s: float = 10.0
     fetch_timeout_s: float = 60.0
     exit_when_finished: bool = True
@@ -79,7 +80,7 @@ class EdgeClient:
         self.state = DeviceState(job_state_dir(opts.state_dir, opts.job))
         self.runtime = runtime or make_runtime(opts.runtime, opts.threads, opts.device)
         self.link = MqttLink(opts.broker, opts.client_id, clean_session=False, username=opts.username,
-                             password=opts.password, tls_ca=opts.tls_ca,
+                             password=opts.password, tls_ca=opts.tls_ca, tls_cert=opts.tls_cert,
                              will=(self.topics.presence(opts.client_id), Presence("offline").to_json()))
         self.cache = ModelCache(self.state, self._fetch, opts.client_id)
         self.deferred: deque[Message] = deque()

@@ -6,7 +6,9 @@ the ACL; broker/certs.py: client certificates signed by the fleet CA), plus relo
 connection can no longer publish or receive anything).
 
 Paths come from options or the environment: FEDGEN_BROKER_PASSWORD_FILE, FEDGEN_BROKER_ACL_FILE,
-FEDGEN_BROKER_PID_FILE (or --broker-pid), FEDGEN_BROKER_CA_DIR (ca.crt and ca.key, for --cert).
+FEDGEN_BROKER_PID_FILE (or --broker-pid), FEDGEN_BROKER_CA_DIR (ca.crt and ca.key, for --cert; the CA keeps a
+copy of each certificate it issues in issued/ and its revocation list in crl.pem, which the broker's
+certificate listener checks).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from server_api.resources import shipped_dir
 
@@ -61,19 +64,71 @@ def reload_broker(args: argparse.Namespace) -> None:
     print(f"broker (pid {pid}) reloaded", file=sys.stderr)
 
 
+def _fleet_ca(args: argparse.Namespace, required: bool) -> tuple[ModuleType, Any] | None:
+    """broker/certs.py and the fleet CA of --ca-dir / FEDGEN_BROKER_CA_DIR (None when not named and not required)."""
+    named = args.ca_dir or os.environ.get("FEDGEN_BROKER_CA_DIR")
+    if not named and not required:
+        return None
+    ca_dir = Path(named or "")
+    if not (ca_dir / "ca.crt").is_file() or not (ca_dir / "ca.key").is_file():
+        raise ValueError("--cert needs the fleet CA: --ca-dir DIR (or FEDGEN_BROKER_CA_DIR) with ca.crt, ca.key")
+    certs = _broker_tool("certs")
+    return certs, certs.CertPair(ca_dir / "ca.crt", ca_dir / "ca.key")
+
+
+def _issued(ca: Any, device: str) -> Path:
+    """The CA's copy of a device's certificate, kept to revoke it later."""
+    return ca.cert.parent / "issued" / f"{device}.crt"
+
+
+def _issue_certificate(args: argparse.Namespace) -> None:
+    certs, ca = _fleet_ca(args, required=True)  # type: ignore[misc]  (never None when required)
+    try:
+        out_dir = Path(args.out_dir or ".")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pair = certs.make_client_cert(ca, out_dir, args.device)
+        _issued(ca, args.device).parent.mkdir(exist_ok=True)
+        _issued(ca, args.device).write_bytes(pair.cert.read_bytes())
+        if not certs.crl_path(ca).exists():
+            certs.make_crl(ca)
+    except certs.CertError as exc:
+        raise ValueError(str(exc)) from None
+    print(f"client certificate {pair.cert} and key {pair.key} (copy both to the device; it connects to the "
+          "certificate listener with --tls-cert/--tls-key)", file=sys.stderr)
+
+
+def _revoke_certificate(args: argparse.Namespace) -> None:
+    found = _fleet_ca(args, required=False)
+    if found is None:
+        return
+    certs, ca = found
+    issued = _issued(ca, args.device)
+    if not issued.exists():
+        return
+    try:
+        crl = certs.revoke_cert(ca, issued)
+    except certs.CertError as exc:
+        raise ValueError(str(exc)) from None
+    issued.rename(issued.with_suffix(".revoked"))
+    print(f"certificate of {args.device} revoked in {crl}: Mosquitto 2.0 reads the CRL at start-up, so restart the "
+          "broker to refuse its TLS connections (until then the ACL denies it every topic)", file=sys.stderr)
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     argv = [*_paths(args), "add-device", args.device, "--job", args.job]
     if args.password_stdin:
         argv.append("--password-stdin")
+    if args.cert:  # checked before anything is written
+        _, ca = _fleet_ca(args, required=True)  # type: ignore[misc]
+        if _issued(ca, args.device).exists():
+            raise ValueError(f"the fleet CA already issued a certificate for {args.device}: revoke it first")
     code = _broker_tool("create_users").main(argv)
     if code == 0 and args.cert:
-        ca_dir = Path(args.ca_dir or os.environ.get("FEDGEN_BROKER_CA_DIR") or "")
-        if not (ca_dir / "ca.crt").is_file() or not (ca_dir / "ca.key").is_file():
-            raise ValueError("--cert needs the fleet CA: --ca-dir DIR (or FEDGEN_BROKER_CA_DIR) with ca.crt, ca.key")
-        certs = _broker_tool("certs")
-        ca = certs.CertPair(ca_dir / "ca.crt", ca_dir / "ca.key")
-        pair = certs.make_client_cert(ca, Path(args.out_dir or "."), args.device)
-        print(f"client certificate {pair.cert} and key {pair.key} (copy both to the device)", file=sys.stderr)
+        try:
+            _issue_certificate(args)
+        except (ValueError, OSError):
+            _broker_tool("create_users").main([*_paths(args), "remove-device", args.device])  # all or nothing
+            raise
     if code == 0:
         reload_broker(args)
     return code
@@ -86,6 +141,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     code = _broker_tool("create_users").main([*_paths(args), "remove-device", args.device])
     if code == 0:
+        _revoke_certificate(args)
         reload_broker(args)
     return code
 
@@ -117,5 +173,7 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=cmd_list)
     revoke = cmds.add_parser("revoke", help="remove a device: it can no longer connect or upload")
     revoke.add_argument("device")
+    revoke.add_argument("--ca-dir", help="the fleet CA's folder: also revoke the device's certificate there "
+                        "(default $FEDGEN_BROKER_CA_DIR)")
     common(revoke)
     revoke.set_defaults(func=cmd_revoke)

@@ -21,6 +21,22 @@ KICK_WINDOW_S = 60.0  # this many short-lived connections within this window: an
 KICKS = 3
 
 
+def client_certificate_name(certfile: str, keyfile: str) -> str:
+    """The CN of a client certificate (the user name the certificate listener gives the device), after checking
+    that the key belongs to it; ValueError with a one-line reason otherwise."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile, keyfile)
+        # the stdlib's only certificate parser without a live connection (CPython's own tests use it)
+        subject = ssl._ssl._test_decode_cert(certfile)["subject"]  # type: ignore[attr-defined]
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-cert {certfile} / --tls-key {keyfile}: not a certificate and its key ({exc})") \
+            from None
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+    if len(names) != 1:
+        raise ValueError(f"--tls-cert {certfile}: needs exactly one CN (the device id), has {len(names)}")
+    return names[0]
+
+
 def describe_connect_error(exc: BaseException | None, tls: bool) -> str:
     """A one-line, operator-facing reason why a connection attempt failed (no traceback)."""
     if exc is None:
@@ -74,7 +90,8 @@ class MqttLink:
     received message is put on `inbox` (processed by the owner's thread, never in paho's network thread)."""
 
     def __init__(self, url: str, client_id: str, *, clean_session: bool = False, username: str | None = None,
-                 password: str | None = None, tls_ca: str | None = None, keepalive: int = 30,
+                 password: str | None = None, tls_ca: str | None = None,
+                 tls_cert: tuple[str, str] | None = None, keepalive: int = 30,
                  will: tuple[str, bytes] | None = None):
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
@@ -94,9 +111,11 @@ class MqttLink:
         client.reconnect_delay_set(min_delay=1, max_delay=15)
         if username:
             client.username_pw_set(username, password)
-        self._tls = bool(self.address.tls or tls_ca)
-        if self._tls:
-            client.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self._tls = bool(self.address.tls or tls_ca or tls_cert)
+        if self._tls:  # tls_cert: (certificate, key) files of this client, for the certificate listener
+            certfile, keyfile = tls_cert or (None, None)
+            client.tls_set(ca_certs=tls_ca, certfile=certfile, keyfile=keyfile, cert_reqs=ssl.CERT_REQUIRED,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_connect = self._handle_connect

@@ -94,7 +94,7 @@ def state_of(client: Client) -> ClientState:
 def connect_client(port: int, client_id: str, *, host: str = "127.0.0.1", username: str | None = None,
                    password: str | None = None, clean_session: bool = True, ca_certs: Path | None = None,
                    tls_default_trust: bool = False, will: tuple[str, bytes, int, bool] | None = None,
-                   timeout: float = CONNECT_TIMEOUT) -> Client:
+                   client_cert: tuple[Path, Path] | None = None, timeout: float = CONNECT_TIMEOUT) -> Client:
     """Connect an MQTT 3.1.1 paho client, wait for CONNACK, return it with its loop running.
 
     Raises :class:`ConnectRefused` on a failure CONNACK, ``TimeoutError`` without one, and
@@ -109,7 +109,8 @@ def connect_client(port: int, client_id: str, *, host: str = "127.0.0.1", userna
     if will is not None:
         client.will_set(will[0], will[1], qos=will[2], retain=will[3])
     if ca_certs is not None:
-        client.tls_set(ca_certs=str(ca_certs))
+        cert, key = client_cert or (None, None)
+        client.tls_set(ca_certs=str(ca_certs), certfile=cert and str(cert), keyfile=key and str(key))
     elif tls_default_trust:
         client.tls_set()  # system trust store: must NOT trust the dev CA
     client.connect(host, port, keepalive=30)
@@ -225,12 +226,13 @@ def _make_users(directory: Path) -> tuple[dict[str, str], Path, Path]:
     return passwords, passwd, acl
 
 
-def _make_certs(directory: Path) -> TLSFiles:
+def make_certs(directory: Path) -> TLSFiles:
     done = subprocess.run([sys.executable, str(BROKER_DIR / "certs.py"), "--out", str(directory)],
                           capture_output=True, text=True, check=False, timeout=60)
     if done.returncode != 0:
         raise RuntimeError(f"broker/certs.py failed: {done.stderr}")
-    return TLSFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    return TLSFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key",
+                    crlfile=directory / "crl.pem")
 
 
 @pytest.fixture(scope="session")
@@ -239,7 +241,7 @@ def mosquitto_prod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProdBro
     _require_mosquitto()
     root = tmp_path_factory.mktemp("mosquitto-prod")
     passwords, passwd, acl = _make_users(root / "auth")
-    tls = _make_certs(root / "certs")
+    tls = make_certs(root / "certs")
     with start_mosquitto(PROD_CONF, root / "broker", tls=tls, password_file=passwd, acl_file=acl) as broker:
         yield ProdBroker(broker, passwords, tls.cafile, passwd, acl)
 

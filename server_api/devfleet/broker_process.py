@@ -67,12 +67,17 @@ class BrokerStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """Certificate paths for a config's TLS listener (``port=None``: pick a free one)."""
+    """Certificate paths for a config's TLS listeners (``port=None``: pick a free one).
+
+    ``port`` is the password listener's; ``cert_port`` the client-certificate listener's (the one with
+    ``require_certificate true``), which checks ``crlfile`` when one is given."""
 
     cafile: Path
     certfile: Path
     keyfile: Path
     port: int | None = None
+    crlfile: Path | None = None
+    cert_port: int | None = None
 
 
 def find_free_port(host: str = DEFAULT_HOST) -> int:
@@ -114,6 +119,7 @@ class BrokerProcess:
     tls_port: int | None = None
     extra_ports: list[int] = field(default_factory=list)
     kind: str = "mosquitto"
+    cert_port: int | None = None  # the client-certificate TLS listener
     env: dict[str, str] | None = None
     cwd: Path | None = None
     start_timeout: float = DEFAULT_START_TIMEOUT
@@ -128,6 +134,10 @@ class BrokerProcess:
         return None if self.tls_port is None else f"mqtts://{self.host}:{self.tls_port}"
 
     @property
+    def cert_url(self) -> str | None:
+        return None if self.cert_port is None else f"mqtts://{self.host}:{self.cert_port}"
+
+    @property
     def log_path(self) -> Path:
         return self.workdir / f"{self.kind}.log"
 
@@ -140,8 +150,8 @@ class BrokerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def all_ports(self) -> list[int]:
-        ports = [self.port, *self.extra_ports]
-        return ports if self.tls_port is None else [*ports, self.tls_port]
+        tls = [p for p in (self.tls_port, self.cert_port) if p is not None]
+        return [self.port, *self.extra_ports, *tls]
 
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines of the broker's log (stdout and stderr)."""
@@ -230,6 +240,10 @@ class _Block:
     def is_tls(self) -> bool:
         return bool(self.keys() & TLS_KEYS)
 
+    @property
+    def requires_certificate(self) -> bool:
+        return "require_certificate true" in self.lines
+
 
 def _split_blocks(text: str) -> list[_Block]:
     """Split a Mosquitto config into the global block and one block per ``listener``."""
@@ -277,8 +291,9 @@ def _run_as_user() -> str | None:
 class _Derived:
     text: str
     port: int
-    tls_port: int | None
-    extra_ports: list[int]
+    tls_port: int | None = None
+    extra_ports: list[int] = field(default_factory=list)
+    cert_port: int | None = None
 
 
 def derive_mosquitto_config(config: Path, workdir: Path, host: str = DEFAULT_HOST, port: int | None = None,
@@ -298,8 +313,9 @@ def derive_mosquitto_config(config: Path, workdir: Path, host: str = DEFAULT_HOS
     out += [f"persistence_location {workdir.resolve()}/", "log_dest stderr"]
     if (user := _run_as_user()) is not None:
         out.append(f"user {user}")
-    plain_port, tls_port, extra = _listener_lines(listeners, host, port, tls, out)
-    return _Derived("\n".join(out) + "\n", plain_port, tls_port, extra)
+    derived = _listener_lines(listeners, host, port, tls, out)
+    derived.text = "\n".join(out) + "\n"
+    return derived
 
 
 def _auth_lines(glob: _Block, base: Path, password_file: Path | None, acl_file: Path | None) -> list[str]:
@@ -314,32 +330,41 @@ def _auth_lines(glob: _Block, base: Path, password_file: Path | None, acl_file: 
     return lines
 
 
+def _tls_body(block: _Block, tls: TLSFiles) -> list[str]:
+    """A TLS listener's settings with the given certificate paths instead of the config's."""
+    body = [ln for ln in block.lines if ln.split()[0] not in TLS_KEYS]
+    body += [f"cafile {tls.cafile.resolve()}", f"certfile {tls.certfile.resolve()}", f"keyfile {tls.keyfile.resolve()}"]
+    if block.requires_certificate and tls.crlfile is not None:
+        body.append(f"crlfile {tls.crlfile.resolve()}")
+    return body
+
+
 def _listener_lines(listeners: list[_Block], host: str, port: int | None, tls: TLSFiles | None,
-                    out: list[str]) -> tuple[int, int | None, list[int]]:
-    """Append listener blocks with new ports to ``out``; TLS blocks only when ``tls`` is given."""
+                    out: list[str]) -> _Derived:
+    """Append listener blocks with new ports to ``out``; TLS blocks only when ``tls`` is given (at most one
+    password listener and one client-certificate listener)."""
+    derived = _Derived("", 0)
     plain_port: int | None = None
-    tls_port: int | None = None
-    extra: list[int] = []
     for block in listeners:
         if block.is_tls:
-            if tls is None or tls_port is not None:
-                continue  # no certificates supplied (or a second TLS listener): leave it out
-            tls_port = tls.port or find_free_port(host)
-            body = [ln for ln in block.lines if ln.split()[0] not in TLS_KEYS]
-            body += [f"cafile {tls.cafile.resolve()}", f"certfile {tls.certfile.resolve()}",
-                     f"keyfile {tls.keyfile.resolve()}"]
-            out += ["", f"listener {tls_port} {host}", *body]
+            attr = "cert_port" if block.requires_certificate else "tls_port"
+            if tls is None or getattr(derived, attr) is not None:
+                continue  # no certificates supplied (or a second listener of the kind): leave it out
+            chosen = getattr(tls, "cert_port" if attr == "cert_port" else "port") or find_free_port(host)
+            setattr(derived, attr, chosen)
+            out += ["", f"listener {chosen} {host}", *_tls_body(block, tls)]
             continue
         if plain_port is None:
             plain_port = port or find_free_port(host)
             chosen = plain_port
         else:
             chosen = find_free_port(host)
-            extra.append(chosen)
+            derived.extra_ports.append(chosen)
         out += ["", f"listener {chosen} {host}", *block.lines]
     if plain_port is None:
         raise BrokerStartError("the config has no plain (non-TLS) listener")
-    return plain_port, tls_port, extra
+    derived.port = plain_port
+    return derived
 
 
 def start_mosquitto(config: Path, workdir: Path, port: int | None = None, tls: TLSFiles | None = None, *,
@@ -353,7 +378,9 @@ def start_mosquitto(config: Path, workdir: Path, port: int | None = None, tls: T
     * each ``listener`` is rebound to ``host``; the first plain listener gets ``port``
       (a free port when ``None``), further plain listeners get free ports;
     * TLS listeners (those with cafile/certfile/keyfile) are kept only when ``tls`` is
-      given, with its certificate paths and ``tls.port`` (free port when ``None``);
+      given, with its certificate paths and ``tls.port`` (free port when ``None``); the
+      client-certificate listener (``require_certificate true``) gets ``tls.cert_port`` and
+      ``tls.crlfile``;
     * ``persistence_location`` becomes ``workdir``; ``log_dest`` becomes stderr, captured
       in ``workdir/mosquitto.log``; ``pid_file`` is dropped;
     * ``password_file`` / ``acl_file`` come from the arguments, else from ``config``
@@ -370,7 +397,8 @@ def start_mosquitto(config: Path, workdir: Path, port: int | None = None, tls: T
     conf_path = workdir / "mosquitto.conf"
     conf_path.write_text(derived.text, encoding="utf-8")
     broker = BrokerProcess([exe, "-c", str(conf_path)], workdir, host, derived.port, derived.tls_port,
-                           derived.extra_ports, "mosquitto", start_timeout=start_timeout)
+                           derived.extra_ports, "mosquitto", cert_port=derived.cert_port,
+                           start_timeout=start_timeout)
     return broker.start()
 
 

@@ -53,6 +53,33 @@ def test_user_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], expect
     assert line.startswith("edge-client: error: ") and expected.lower() in line.lower()
 
 
+@pytest.fixture(scope="module")
+def device_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fleet CA with client certificates dev-a and dev-b (broker/certs.py)."""
+    out = tmp_path_factory.mktemp("pki")
+    done = subprocess.run([sys.executable, "broker/certs.py", "--out", str(out), "--client", "dev-a", "--client",
+                           "dev-b"], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--client-id", "d1", "--tls-cert", "{pki}/dev-a.crt"], "--tls-cert and --tls-key go together"),
+    (["--client-id", "d1", "--tls-cert", "{pki}/dev-a.crt", "--tls-key", "{pki}/dev-a.key"], "differs from the CN"),
+    (["--client-id", "auto", "--tls-cert", "{pki}/dev-a.crt", "--tls-key", "{pki}/dev-b.key"],
+     "not a certificate and its key"),
+    (["--client-id", "auto", "--tls-cert", "{pki}/absent.crt", "--tls-key", "{pki}/dev-a.key"],
+     "not a certificate and its key"),
+])
+def test_client_certificate_errors_are_one_line_exit_2(device_certs: Path, tmp_path: Path, args: list[str],
+                                                       expected: str) -> None:
+    argv = [a.format(pki=device_certs) for a in args]
+    out = edge("--broker", "mqtts://127.0.0.1:1", "--job", "j1", "--partition", PARTITION, *argv, cwd=tmp_path)
+    assert out.returncode == 2
+    line = one_line(out)
+    assert line.startswith("edge-client: error: ") and expected in line
+
+
 def test_missing_job_ends_with_status_3(mosquitto_dev, tmp_path: Path) -> None:
     started = time.monotonic()
     out = edge("--broker", mosquitto_dev.url, "--job", "no-such-job", "--client-id", "d1", "--partition",

@@ -38,7 +38,7 @@ import torch
 from broker_fixtures import (
     DEV_CONF,
     PROD_CONF,
-    _make_certs,
+    make_certs,
     _require_mosquitto,
     connect_client,
     publish,
@@ -119,7 +119,7 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
         done = run_create_users(passwd, acl, *cmd, "--password-stdin", stdin=password + "\n")
         assert done.returncode == 0, done.stderr
         passwords[user] = password
-    tls = _make_certs(root / "certs")
+    tls = make_certs(root / "certs")
     with start_mosquitto(PROD_CONF, root / "broker", tls=tls, password_file=passwd, acl_file=acl) as broker:
         yield SecureBroker(broker, passwords, tls.cafile, root)
 
@@ -301,7 +301,7 @@ def test_devices_without_ca_with_wrong_ca_anonymous_or_wrong_password_are_refuse
     """Each misconfigured edge-client logs ONE clear line naming the cause (rate-limited while paho keeps
     retrying every 1..15 s), no traceback, makes no progress and keeps running until stopped."""
     sb = secure_broker
-    wrong_ca = _make_certs(tmp_path / "other-ca").cafile  # a valid CA, but not the broker's
+    wrong_ca = make_certs(tmp_path / "other-ca").cafile  # a valid CA, but not the broker's
     pw = sb.passwords["c0"]
     cases = {
         "no-ca": (sb.tls_url, ["--username", "c0"], pw,
