@@ -38,9 +38,9 @@ import torch
 from broker_fixtures import (
     DEV_CONF,
     PROD_CONF,
-    make_certs,
     _require_mosquitto,
     connect_client,
+    make_certs,
     publish,
     run_create_users,
     state_of,
