@@ -60,6 +60,10 @@ class AlgorithmConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     generator_lr_decay: Decay = 0.98
     generator_weight_decay: _float(0.0, 10.0) = 1e-2
     diversity_weight: Weight = 1.0
+    # teacher weights w[k, y] from the label counts as reported, or from each client's label proportions (the
+    # reference's; always in the robust modes); label_smoothing is added to every count first (the reference: 1)
+    label_weighting: Literal["counts", "proportions"] = "counts"
+    label_smoothing: _float(0.0, 1e6) = 0.0
     noise_dim: _int(1, 1024) = 32
     generator_hidden: _int(1, 4096) = 256
 

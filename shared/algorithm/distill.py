@@ -24,16 +24,20 @@ def diversity_loss(noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(d_noise * d_z).mean())
 
 
-def label_weights(label_counts: np.ndarray, proportions: bool = False) -> np.ndarray:
+def label_weights(label_counts: np.ndarray, proportions: bool = False, smoothing: float = 0.0,
+                  samples: float = 1.0) -> np.ndarray:
     """w[k, y] = c_k(y) / sum_j c_j(y): how much client k speaks for label y (0 where no client has y).
 
-    With `proportions` (the robust modes), c_k(y) is replaced by client k's label *proportion*
-    c_k(y) / sum_y c_k(y), as the reference does: a client's claimed total no longer matters, so claiming
-    huge counts buys no more weight than claiming the same labels in small numbers."""
+    With `proportions` (`label_weighting: proportions`, and always in the robust modes), c_k(y) is replaced by
+    `samples` x client k's label *proportion* c_k(y) / sum_y c_k(y), the reference's form (its counts are of
+    the T x B images a client draws in a round): a client's claimed total no longer matters, so claiming huge
+    counts buys no more weight than claiming the same labels in small numbers. `smoothing` is added to every
+    c_k(y) first (the reference starts its counts at 1)."""
     counts = np.asarray(label_counts, dtype=np.float64)
     if proportions:
         own = counts.sum(axis=1, keepdims=True)
-        counts = np.divide(counts, own, out=np.zeros_like(counts), where=own > 0)
+        counts = samples * np.divide(counts, own, out=np.zeros_like(counts), where=own > 0)
+    counts = counts + smoothing
     totals = counts.sum(axis=0, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
 
@@ -91,7 +95,9 @@ def train_generator(
     if len(client_states) != len(counts) or not len(counts):
         raise ValueError("need one label-count row per client state, and at least one client")
     available = torch.as_tensor(np.flatnonzero(counts.sum(axis=0) > 0))
-    weights = torch.as_tensor(label_weights(counts, proportions), dtype=torch.float32)  # K x C
+    weights = label_weights(counts, proportions or cfg.label_weighting == "proportions", cfg.label_smoothing,
+                            cfg.local_steps * cfg.batch_size)
+    weights = torch.as_tensor(weights, dtype=torch.float32)  # K x C
     stacked = stack_predictors(client_states)
     for group in optimizer.param_groups:
         group["lr"] = cfg.generator_lr_at(round_idx)

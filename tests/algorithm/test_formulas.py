@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from shared.algorithm.config import AlgorithmConfig
-from shared.algorithm.distill import diversity_loss, label_weights, train_generator
+from shared.algorithm.distill import (
+    diversity_loss,
+    label_weights,
+    make_generator,
+    make_generator_optimizer,
+    train_generator,
+)
 from shared.algorithm.local import _generative_terms, local_update
 from shared.algorithm.models import Generator, build_model
 from shared.algorithm.schedule import generator_draws, normalise_prior
@@ -23,6 +29,37 @@ def test_label_weights_are_each_clients_share_of_a_label():
     counts = np.array([[3, 0, 1], [1, 0, 1]])
     # label 0: 3 of 4 and 1 of 4; label 1: nobody (0, not NaN); label 2: 1 of 2 each
     assert label_weights(counts).tolist() == [[0.75, 0.0, 0.5], [0.25, 0.0, 0.5]]
+
+
+def test_label_weights_from_proportions_with_the_references_smoothing():
+    counts = np.array([[3, 0, 1], [1, 0, 3]])
+    # proportions x 8 samples: [6, 0, 2] and [2, 0, 6]; + 1 each: [7, 1, 3] and [3, 1, 7]; totals [10, 2, 10]
+    weights = label_weights(counts, proportions=True, smoothing=1.0, samples=8)
+    assert weights.ravel().tolist() == pytest.approx([0.7, 0.5, 0.3, 0.3, 0.5, 0.7])
+    # counts + 1: [4, 1, 2] and [2, 1, 4]; totals [6, 2, 6]
+    expected = [4 / 6, 0.5, 2 / 6, 2 / 6, 0.5, 4 / 6]
+    assert label_weights(counts, smoothing=1.0).ravel().tolist() == pytest.approx(expected)
+
+
+def test_generator_takes_its_label_weighting_from_the_config():
+    """`label_weighting: proportions` with `label_smoothing` trains the generator exactly as the weights above
+    say: the same generator as a run with the robust modes' proportions and the same smoothing."""
+    states = [{"predictor.weight": torch.randn(10, 32, generator=torch.Generator().manual_seed(k)),
+               "predictor.bias": torch.zeros(10)} for k in range(3)]
+    counts = np.array([[50, 1] + [0] * 8, [0, 5] + [1] * 8, [2, 2] + [2] * 8])
+    trained = []
+    for cfg, robust in ((AlgorithmConfig(generator_steps=3, label_weighting="proportions", label_smoothing=1.0),
+                         False),
+                        (AlgorithmConfig(generator_steps=3, label_smoothing=1.0), True),
+                        (AlgorithmConfig(generator_steps=3), False)):
+        gen = make_generator(10, 32, cfg, seed=1)
+        train_generator(gen, make_generator_optimizer(gen, cfg), nn.Linear(32, 10), states, counts, cfg, 0,
+                        torch.Generator().manual_seed(3), proportions=robust)
+        trained.append(torch.cat([v.flatten() for v in gen.state_dict().values() if v.is_floating_point()]))
+    assert torch.equal(trained[0], trained[1])
+    assert not torch.allclose(trained[0], trained[2])  # counts without smoothing teach differently
+    with pytest.raises(ValueError, match="label_weighting"):
+        AlgorithmConfig.from_dict({"label_weighting": "votes"})
 
 
 def test_diversity_loss_by_hand():
