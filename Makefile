@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast chaos demo demo-simulate bench-paper test-arm64 dashboard-shot lint clean
+.PHONY: install test test-fast chaos demo demo-simulate bench-paper test-arm64 dashboard-shot compose-test lint clean
 
 install: $(STAMP)
 
@@ -53,8 +53,14 @@ test-arm64: $(STAMP)
 dashboard-shot: $(STAMP)
 	$(BIN)/python bench/dashboard_shot.py docs/dashboard.png
 
+## compose.yaml really run with no image registry: local Debian base image (mmdebstrap), images built from host
+## wheels, docker-compose up --scale edge=12, the demo job checked through the REST API, then torn down (needs root,
+## docker.io, docker-compose, mmdebstrap)
+compose-test: $(STAMP)
+	$(BIN)/python docker/local/compose_test.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check shared server_api edge_client bench tests migrations
+	$(BIN)/ruff check shared server_api edge_client bench tests migrations docker
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,12 +10,23 @@
 # On Jetson this image trains on the CPU; using its GPU needs NVIDIA's L4T PyTorch base instead.
 #
 # Installs `.[edge]` only: torch, onnxruntime, paho-mqtt (no FastAPI, SQLAlchemy, PostgreSQL driver).
-FROM python:3.11-slim
+# BASE_IMAGE: any Debian-like image with Python 3.11 and its venv module. The default is the official image a
+# user pulls; `make compose-test` passes a local one built with mmdebstrap (docker/local/build-base.sh).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
+# Everything is installed into a virtual environment, which works the same on the official image and on a
+# Debian root file system (whose system Python refuses pip installs, PEP 668); its bin/ comes first on PATH.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/fedgen/bin:$PATH
+RUN python3 -m venv /opt/fedgen
+
+# Wheels built on the host (`make compose-wheels`): when docker/wheels/ holds any, every install below takes
+# them with no network (PIP_NO_INDEX); otherwise pip downloads as usual.
+COPY docker/wheels/ /wheels/
 
 # --- 1. PyTorch, CPU-only -------------------------------------------------------------------------------
 # pyproject.toml pins torch==2.13.0; keep TORCH_VERSION equal to that pin (tests/test_compose.py checks).
@@ -28,7 +39,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TARGETARCH
-RUN if [ "${TARGETARCH}" = "arm64" ]; then \
+RUN if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi; \
+    if [ "${TARGETARCH}" = "arm64" ] || [ -n "${PIP_NO_INDEX:-}" ]; then \
         pip install "torch==${TORCH_VERSION}"; \
     else \
         pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
@@ -41,6 +53,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['edge']))" > /tmp/requirements.txt \
+ && if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
@@ -52,7 +65,8 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['edge']))" > /tmp
 COPY setup.py ./
 COPY shared ./shared
 COPY edge_client ./edge_client
-RUN pip install ".[edge]" && pip check
+RUN if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
+ && pip install ".[edge]" && pip check
 
 # --- 4. runtime: unprivileged user, state on a volume ---------------------------------------------------
 RUN groupadd --system --gid 10001 fedgen \
