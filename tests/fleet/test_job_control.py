@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_pause_resume_and_cancel_a_running_job(fleet_maker):  # noqa: ANN001
-    fleet = fleet_maker(FleetConfig(clients=2, active=2, rounds=20, alpha=1.0, samples_per_class=50, local_steps=2,
+    # 200 rounds: the job is still running when it is cancelled below, however fast the machine
+    fleet = fleet_maker(FleetConfig(clients=2, active=2, rounds=200, alpha=1.0, samples_per_class=50, local_steps=2,
                                     seed=3, round_timeout_s=60, algorithm="fedavg", progress=False))
     start_job(fleet)
     wait_for(lambda: (r := round_row(fleet, 1)) and r["status"] == "closed", timeout=300, interval=0.2,
@@ -42,7 +43,7 @@ def test_pause_resume_and_cancel_a_running_job(fleet_maker):  # noqa: ANN001
     cancelled = fleet.request("POST", f"/jobs/{fleet.job_id}/cancel")
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
     summary = fleet.wait(timeout=60)
-    assert summary["job_status"] == "cancelled" and len(summary["rounds"]) < 20
+    assert summary["job_status"] == "cancelled" and len(summary["rounds"]) < 200
     wait_for(lambda: all(r["status"] in ("closed", "failed") for r in rounds_of(fleet)), timeout=30,
              what="the open round closed as failed")  # the worker notices within about a second
     assert "cancelled" in (rounds_of(fleet)[-1]["failure_reason"] or "") or rounds_of(fleet)[-1]["status"] == "closed"
