@@ -11,7 +11,7 @@
 #
 # Installs `.[edge]` only: torch, onnxruntime, paho-mqtt (no FastAPI, SQLAlchemy, PostgreSQL driver).
 # BASE_IMAGE: any Debian-like image with Python 3.11 and its venv module. The default is the official image a
-# user pulls; `make compose-test` passes a local one built with mmdebstrap (docker/local/build-base.sh).
+# user pulls; `make compose-test` passes a local one built with mmdebstrap (docker/local/compose_test.py).
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -22,11 +22,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/fedgen/bin:$PATH
-RUN python3 -m venv /opt/fedgen
 
-# Wheels built on the host (`make compose-wheels`): when docker/wheels/ holds any, every install below takes
-# them with no network (PIP_NO_INDEX); otherwise pip downloads as usual.
+# Wheels built on the host (`make compose-test` puts them in docker/wheels/): when there are any, the venv's
+# pip.conf makes every install below take them alone, with no network; otherwise pip downloads as usual.
 COPY docker/wheels/ /wheels/
+RUN python3 -m venv /opt/fedgen \
+ && if ls /wheels/*.whl >/dev/null 2>&1; then printf '[global]\nno-index = true\nfind-links = /wheels\n' \
+        > /opt/fedgen/pip.conf; fi
 
 # --- 1. PyTorch, CPU-only -------------------------------------------------------------------------------
 # pyproject.toml pins torch==2.13.0; keep TORCH_VERSION equal to that pin (tests/test_compose.py checks).
@@ -39,8 +41,8 @@ COPY docker/wheels/ /wheels/
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TARGETARCH
-RUN if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi; \
-    if [ "${TARGETARCH}" = "arm64" ] || [ -n "${PIP_NO_INDEX:-}" ]; then \
+# (With the offline pip.conf, no-index wins over --index-url: torch comes from /wheels.)
+RUN if [ "${TARGETARCH}" = "arm64" ]; then \
         pip install "torch==${TORCH_VERSION}"; \
     else \
         pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
@@ -53,7 +55,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['edge']))" > /tmp/requirements.txt \
- && if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
@@ -65,8 +66,7 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['edge']))" > /tmp
 COPY setup.py ./
 COPY shared ./shared
 COPY edge_client ./edge_client
-RUN if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
- && pip install ".[edge]" && pip check
+RUN pip install ".[edge]" && pip check && rm -f /opt/fedgen/pip.conf
 
 # --- 4. runtime: unprivileged user, state on a volume ---------------------------------------------------
 RUN groupadd --system --gid 10001 fedgen \

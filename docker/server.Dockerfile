@@ -10,7 +10,7 @@
 #
 # linux/amd64 is the intended platform (the CPU wheel index below also serves linux/arm64).
 # BASE_IMAGE: any Debian-like image with Python 3.11 and its venv module. The default is the official image a
-# user pulls; `make compose-test` passes a local one built with mmdebstrap (docker/local/build-base.sh).
+# user pulls; `make compose-test` passes a local one built with mmdebstrap (docker/local/compose_test.py).
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -21,11 +21,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/fedgen/bin:$PATH
-RUN python3 -m venv /opt/fedgen
 
-# Wheels built on the host (`make compose-wheels`): when docker/wheels/ holds any, every install below takes
-# them with no network (PIP_NO_INDEX); otherwise pip downloads as usual.
+# Wheels built on the host (`make compose-test` puts them in docker/wheels/): when there are any, the venv's
+# pip.conf makes every install below take them alone, with no network; otherwise pip downloads as usual.
 COPY docker/wheels/ /wheels/
+RUN python3 -m venv /opt/fedgen \
+ && if ls /wheels/*.whl >/dev/null 2>&1; then printf '[global]\nno-index = true\nfind-links = /wheels\n' \
+        > /opt/fedgen/pip.conf; fi
 
 # --- 1. PyTorch, CPU-only -------------------------------------------------------------------------------
 # pyproject.toml pins torch==2.13.0; keep TORCH_VERSION equal to that pin (tests/test_compose.py checks).
@@ -34,9 +36,8 @@ COPY docker/wheels/ /wheels/
 # Its `2.13.0+cpu` satisfies the `==2.13.0` pin, so step 2 keeps it instead of fetching PyPI's build.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; \
-      pip install "torch==${TORCH_VERSION}"; \
-    else pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; fi
+# (With the offline pip.conf, no-index wins over --index-url: torch comes from /wheels.)
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /app
 
@@ -45,7 +46,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /tmp/requirements.txt \
- && if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
@@ -58,8 +58,7 @@ COPY broker ./broker
 COPY shared ./shared
 COPY server_api ./server_api
 COPY edge_client ./edge_client
-RUN if ls /wheels/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
- && pip install ".[server]" && pip check && rm -rf /app/*
+RUN pip install ".[server]" && pip check && rm -rf /app/* /opt/fedgen/pip.conf
 
 # --- 4. runtime: unprivileged user, writable state only under /var/lib/fedgen ---------------------------
 RUN groupadd --system --gid 10001 fedgen \

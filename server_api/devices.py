@@ -35,12 +35,18 @@ def _broker_tool(name: str) -> ModuleType:
     return module
 
 
-def _paths(args: argparse.Namespace) -> list[str]:
+def _files(args: argparse.Namespace) -> tuple[str, str]:
+    """The broker's password file and ACL file, from the options or the environment."""
     password_file = args.password_file or os.environ.get("FEDGEN_BROKER_PASSWORD_FILE")
     acl_file = args.acl_file or os.environ.get("FEDGEN_BROKER_ACL_FILE")
     if not password_file or not acl_file:
         raise ValueError("say where the broker's files are: --password-file and --acl-file (or "
                          "FEDGEN_BROKER_PASSWORD_FILE and FEDGEN_BROKER_ACL_FILE)")
+    return password_file, acl_file
+
+
+def _paths(args: argparse.Namespace) -> list[str]:
+    password_file, acl_file = _files(args)
     return ["--password-file", password_file, "--acl-file", acl_file]
 
 
@@ -71,7 +77,7 @@ def _fleet_ca(args: argparse.Namespace, required: bool) -> tuple[ModuleType, Any
         return None
     ca_dir = Path(named or "")
     if not (ca_dir / "ca.crt").is_file() or not (ca_dir / "ca.key").is_file():
-        raise ValueError("--cert needs the fleet CA: --ca-dir DIR (or FEDGEN_BROKER_CA_DIR) with ca.crt, ca.key")
+        raise ValueError(f"no fleet CA in {ca_dir}: --ca-dir DIR (or FEDGEN_BROKER_CA_DIR) must hold ca.crt and ca.key")
     certs = _broker_tool("certs")
     return certs, certs.CertPair(ca_dir / "ca.crt", ca_dir / "ca.key")
 
@@ -81,14 +87,14 @@ def _issued(ca: Any, device: str) -> Path:
     return ca.cert.parent / "issued" / f"{device}.crt"
 
 
-def _issue_certificate(args: argparse.Namespace) -> None:
-    certs, ca = _fleet_ca(args, required=True)  # type: ignore[misc]  (never None when required)
+def _issue_certificate(args: argparse.Namespace, certs: ModuleType, ca: Any) -> None:
+    issued = _issued(ca, args.device)
     try:
         out_dir = Path(args.out_dir or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
         pair = certs.make_client_cert(ca, out_dir, args.device)
-        _issued(ca, args.device).parent.mkdir(exist_ok=True)
-        _issued(ca, args.device).write_bytes(pair.cert.read_bytes())
+        issued.parent.mkdir(exist_ok=True)
+        issued.write_bytes(pair.cert.read_bytes())
         if not certs.crl_path(ca).exists():
             certs.make_crl(ca)
     except certs.CertError as exc:
@@ -118,16 +124,18 @@ def cmd_add(args: argparse.Namespace) -> int:
     argv = [*_paths(args), "add-device", args.device, "--job", args.job]
     if args.password_stdin:
         argv.append("--password-stdin")
-    if args.cert:  # checked before anything is written
-        _, ca = _fleet_ca(args, required=True)  # type: ignore[misc]
-        if _issued(ca, args.device).exists():
-            raise ValueError(f"the fleet CA already issued a certificate for {args.device}: revoke it first")
-    code = _broker_tool("create_users").main(argv)
-    if code == 0 and args.cert:
+    fleet_ca = _fleet_ca(args, required=True) if args.cert else None  # checked before anything is written
+    if fleet_ca is not None and _issued(fleet_ca[1], args.device).exists():
+        raise ValueError(f"the fleet CA already issued a certificate for {args.device}: revoke it first")
+    users = _broker_tool("create_users")
+    known = {e.user for e in users.read_entries(Path(_files(args)[1]))}
+    code = users.main(argv)
+    if code == 0 and fleet_ca is not None:
         try:
-            _issue_certificate(args)
+            _issue_certificate(args, *fleet_ca)
         except (ValueError, OSError):
-            _broker_tool("create_users").main([*_paths(args), "remove-device", args.device])  # all or nothing
+            if args.device not in known:  # all or nothing for a new device
+                users.main([*_paths(args), "remove-device", args.device])
             raise
     if code == 0:
         reload_broker(args)

@@ -347,11 +347,13 @@ def _listener_lines(listeners: list[_Block], host: str, port: int | None, tls: T
     plain_port: int | None = None
     for block in listeners:
         if block.is_tls:
-            attr = "cert_port" if block.requires_certificate else "tls_port"
-            if tls is None or getattr(derived, attr) is not None:
+            taken = derived.cert_port if block.requires_certificate else derived.tls_port
+            if tls is None or taken is not None:
                 continue  # no certificates supplied (or a second listener of the kind): leave it out
-            chosen = getattr(tls, "cert_port" if attr == "cert_port" else "port") or find_free_port(host)
-            setattr(derived, attr, chosen)
+            if block.requires_certificate:
+                chosen = derived.cert_port = tls.cert_port or find_free_port(host)
+            else:
+                chosen = derived.tls_port = tls.port or find_free_port(host)
             out += ["", f"listener {chosen} {host}", *_tls_body(block, tls)]
             continue
         if plain_port is None:
