@@ -8,10 +8,11 @@ Measures, on this machine, with one compute thread (torch.set_num_threads(1); OM
 numpy's BLAS and onnxruntime), each runtime in its own fresh processes (the lite ones never import torch, as on
 a device without it), the blocks of the two runtimes alternating so that other load on the machine hits both:
 - local update time per round (T = 20 steps, B = 32, the reference CNN) for FedAvg, FedProx and FedGen through
-  the runtime seam a device uses (`edge_client.runtime`), the generator sampled through onnxruntime as on a
-  device (the paper's Table 3 reports 47.66 ms vs 57-60 ms on a GPU); goal for lite: <= 3x torch;
-- the edge client's cold start: importing the client, building its runtime and the job's model, and importing
-  onnx and onnxruntime (which it loads for its first model), in a fresh interpreter;
+  the runtime seam a device uses (`edge_client.runtime`), the generator as each runtime loads it on a
+  device (torch: onnxruntime; lite: numpy from the ONNX file's weights); the paper's Table 3 reports 47.66 ms
+  vs 57-60 ms on a GPU; goal for lite: <= 3x torch;
+- the edge client's cold start: importing the client, building its runtime and the job's model, and for torch
+  importing onnx and onnxruntime (which its generator path loads), in a fresh interpreter;
 - peak resident memory (ru_maxrss, from wait4) of real `edge-client` processes through a 2-round FedGen job on
   the shipped subset (a broker, the server, two devices; round 1 trains with the generator), and their
   train time in that round; goal for lite: <= 100 MiB on x86;
@@ -51,16 +52,16 @@ from edge_client.runtime import make_runtime
 from shared.algorithm.config import AlgorithmConfig
 from shared.data.datasets import load_dataset
 from shared.data.partition import PartitionSpec, partition
-from shared.protocol.onnx_load import OnnxGenerator
 name, setup, repeats, first = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 start = dict(np.load(setup / "start.npz"))
 prior = np.load(setup / "prior.npy")
-sampler = OnnxGenerator((setup / "generator.onnx").read_bytes(), threads=1)
 users = partition(load_dataset("mnist-subset"), PartitionSpec(users=20, alpha=0.1, samples_per_class=1000))
 runtimes = {}
 for algo in ("fedavg", "fedprox", "fedgen"):
     rt = make_runtime(name, threads=1)
     rt.prepare(AlgorithmConfig(algorithm=algo), (1, 28, 28), 10)
+    # the runtime's own generator: onnxruntime for torch, numpy from the file's weights for lite
+    sampler = rt.load_generator((setup / "generator.onnx").read_bytes(), rt.cfg, 32, 10, 2**26)
     rt.train(start, users[0], 1, 0, sampler if algo == "fedgen" else None, prior)  # warm-up
     runtimes[algo] = rt
 assert "torch" not in sys.modules or name == "torch"
@@ -86,7 +87,8 @@ from shared.algorithm.config import AlgorithmConfig
 rt = make_runtime(sys.argv[1], threads=1)
 rt.prepare(AlgorithmConfig(algorithm="fedgen"), (1, 28, 28), 10)
 rt.template()
-import onnx, onnxruntime
+if sys.argv[1] == "torch":  # what its generator path imports (the lite runtime reads the ONNX file itself)
+    import onnx, onnxruntime
 print(json.dumps({"start_s": time.perf_counter() - t0, "machine": platform.machine(),
                   "python": platform.python_version(), "runtime_version": rt.version,
                   "torch_loaded": "torch" in sys.modules}))
@@ -104,14 +106,15 @@ def stage(name):
 stage("interpreter")
 import numpy as np
 stage("numpy")
-import onnx, onnxruntime, paho.mqtt.client
+import paho.mqtt.client
+if sys.argv[1] == "torch":  # what its generator path imports (the lite runtime reads the ONNX file itself)
+    import onnx, onnxruntime
 import edge_client.client
 from edge_client.runtime import make_runtime
 from shared.algorithm.config import AlgorithmConfig
-from shared.protocol.onnx_load import OnnxGenerator
 rt = make_runtime(sys.argv[1], threads=1)
 rt.prepare(AlgorithmConfig(algorithm="fedgen"), (1, 28, 28), 10)
-stage("the client, onnx, onnxruntime, paho, the runtime and its model")
+stage("the client, paho, the runtime and its model (torch: onnx, onnxruntime too)")
 from shared.data.datasets import load_dataset
 from shared.data.partition import PartitionSpec, partition_user
 dataset = load_dataset("mnist-subset")
@@ -123,9 +126,9 @@ setup = Path(sys.argv[2])
 start = dict(np.load(setup / "start.npz"))
 rt.evaluate(start, user.test_x, user.test_y)
 stage(f"evaluate its {len(user.test_y)} test images")
-sampler = OnnxGenerator((setup / "generator.onnx").read_bytes(), threads=1)
+sampler = rt.load_generator((setup / "generator.onnx").read_bytes(), rt.cfg, 32, 10, 2**26)
 rt.train(start, user, 1, 0, sampler, np.load(setup / "prior.npy"))
-stage("a FedGen local update with the ONNX generator")
+stage("a FedGen local update with the published generator")
 print(json.dumps(stages))
 """
 
@@ -378,7 +381,8 @@ def report(args, local, memory, starts, fleet, installs, server, sizes, loads) -
         "## Local update (one round on a device: T = 20 steps, B = 32, reference CNN), ms, median (min-max)",
         "",
         "Through `edge_client.runtime` (what a device runs, numpy state in and out), from the server's state after "
-        "round 0, round 1 (FedGen's terms on), the generator through onnxruntime as on a device.",
+        "round 0, round 1 (FedGen's terms on), the generator as each runtime loads it on a device (torch: "
+        "onnxruntime; lite: numpy, from the ONNX file's weights).",
         "",
         "| algorithm | torch | lite | lite / torch |",
         "|---|---|---|---|",
@@ -395,7 +399,7 @@ def report(args, local, memory, starts, fleet, installs, server, sizes, loads) -
         "",
         "| measure | torch | lite |",
         "|---|---|---|",
-        "| cold start: import the client, build runtime and model, import onnx + onnxruntime (s) | "
+        "| cold start: import the client, build runtime and model (torch: and import onnx + onnxruntime) (s) | "
         f"{median_spread([p['start_s'] for p in starts['torch']], 2)} | "
         f"{median_spread([p['start_s'] for p in starts['lite']], 2)} |",
         f"| peak resident memory by then (MiB) | {median_spread([p['rss_mib'] for p in starts['torch']])} | "

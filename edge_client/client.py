@@ -315,7 +315,7 @@ class EdgeClient:
         if cfg.uses_generator and manifest.generator is not None:
             template = self.runtime.template()
             latent = template["predictor.weight"].shape[1]
-            sampler = self.cache.generator(manifest, cfg, latent, manifest.num_classes)
+            sampler = self.cache.generator(manifest, self.runtime, cfg, latent, manifest.num_classes)
         began = time.perf_counter()
         result = self.runtime.train(start, data, ann.round, round_seed(manifest.config.seed, ann.round,
                                                                        data.seed_key),

@@ -11,10 +11,11 @@ import numpy as np
 from edge_client.runtime import Runtime
 from edge_client.state import DeviceState
 from shared.algorithm.config import AlgorithmConfig
+from shared.algorithm.schedule import LatentSampler
 from shared.protocol.delta import apply_delta
 from shared.protocol.errors import ValidationError
 from shared.protocol.messages import Manifest
-from shared.protocol.onnx_load import OnnxGenerator, generator_budget, state_from_onnx
+from shared.protocol.onnx_load import state_from_onnx
 from shared.protocol.tensors import decode_tensors, state_sha256, tensor_spec
 
 log = logging.getLogger("fedgen.edge")
@@ -34,7 +35,7 @@ class ModelCache:
         self.state = state
         self.fetch = fetch
         self.client_id = client_id
-        self._generator: tuple[str, OnnxGenerator] | None = None
+        self._generator: tuple[str, LatentSampler] | None = None
 
     def ensure_version(self, manifest: Manifest, runtime: Runtime, cfg: AlgorithmConfig) -> dict[str, np.ndarray]:
         """The full state dict of `manifest.version` to train from: the shared entries of the version plus the
@@ -72,8 +73,8 @@ class ModelCache:
         """The sha256 of the generator held (None: none accepted yet)."""
         return self._generator[0] if self._generator else None
 
-    def generator(self, manifest: Manifest, cfg: AlgorithmConfig, latent_dim: int,
-                  num_classes: int) -> OnnxGenerator | None:
+    def generator(self, manifest: Manifest, runtime: Runtime, cfg: AlgorithmConfig, latent_dim: int,
+                  num_classes: int) -> LatentSampler | None:
         """The manifest's generator, or None (logged) when there is none or it is refused: the device then
         trains without it this round."""
         ref = manifest.generator
@@ -82,9 +83,8 @@ class ModelCache:
         if self._generator is not None and self._generator[0] == ref.sha256:
             return self._generator[1]
         try:
-            budget = generator_budget(cfg.noise_dim, num_classes, cfg.generator_hidden, latent_dim)
-            sampler = OnnxGenerator(self.fetch(ref.sha256, ref.size), noise_dim=cfg.noise_dim,
-                                    latent_dim=latent_dim, num_classes=num_classes, budget=budget)
+            sampler = runtime.load_generator(self.fetch(ref.sha256, ref.size), cfg, latent_dim, num_classes,
+                                             MAX_ARTIFACT_BYTES)
         except (ValidationError, ArtifactError) as exc:
             log.warning("%s: refused the generator (%s); training without it this round", self.client_id, exc)
             return None

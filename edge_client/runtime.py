@@ -60,6 +60,10 @@ class Runtime(Protocol):
 
     def evaluate(self, state: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluated: ...
 
+    def load_generator(self, blob: bytes, cfg: AlgorithmConfig, latent_dim: int, num_classes: int,
+                       max_bytes: int) -> LatentSampler:
+        """The job's FedGen generator from its published ONNX file; ValidationError when it is refused."""
+
     def train(self, start: Mapping[str, np.ndarray], data: UserData, round_idx: int, seed: int,
               sampler: LatentSampler | None, prior: np.ndarray | None) -> Trained: ...
 
@@ -99,6 +103,15 @@ class TorchRuntime:
         with self._on_device():
             result = evaluate(self.model, self._tensors(state), x, y)
         return Evaluated(result.correct, result.count, result.loss_sum)
+
+    def load_generator(self, blob: bytes, cfg: AlgorithmConfig, latent_dim: int, num_classes: int,
+                       max_bytes: int) -> LatentSampler:
+        """Through onnxruntime, after the graph passed the job's budget (`shared.protocol.onnx_load`)."""
+        from shared.protocol.onnx_load import OnnxGenerator, generator_budget
+
+        budget = generator_budget(cfg.noise_dim, num_classes, cfg.generator_hidden, latent_dim)
+        return OnnxGenerator(blob, noise_dim=cfg.noise_dim, latent_dim=latent_dim, num_classes=num_classes,
+                             max_bytes=max_bytes, budget=budget)
 
     def train(self, start: Mapping[str, np.ndarray], data: UserData, round_idx: int, seed: int,
               sampler: LatentSampler | None, prior: np.ndarray | None) -> Trained:

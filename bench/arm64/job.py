@@ -5,7 +5,7 @@ qemu-user through binfmt_misc), connected over loopback (qemu-user processes sha
     python bench/arm64/job.py --root ROOT --venv /opt/fedgen-lite --runtime lite --out lite.json
 
 Measures, for the arm64 device: its cold start under emulation (importing the client, building the runtime and
-model, importing onnx and onnxruntime), its peak resident memory through the job (ru_maxrss of the emulated
+model; for torch importing onnx and onnxruntime), its peak resident memory through the job (ru_maxrss of the emulated
 process: the guest's memory plus qemu's own, translated code included), its local update per round as it
 reported it (`train_seconds`), the time from the round's start to its accepted update, and the job's accuracy.
 Then (--reference) the same job with both devices on the host, c0 with the same runtime natively: the arm64

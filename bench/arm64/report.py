@@ -24,7 +24,7 @@ def job_rows(job: dict) -> list[str]:
     probe = job["probe"]
     rounds = job.get("rounds", [])
     lines = [
-        f"| cold start: import the client, build runtime and model, import onnx + onnxruntime | "
+        f"| cold start: import the client, build runtime and model (torch: and onnx + onnxruntime) | "
         f"{probe['start_s']:.1f} s |",
         f"| peak resident memory of the emulated edge-client process (qemu + guest) | "
         f"{fmt(job.get('peak_rss_mib'), 1, ' MiB')} |",

@@ -19,6 +19,7 @@ from edge_client.runtime import Evaluated, Trained
 from shared.algorithm.config import AlgorithmConfig
 from shared.algorithm.schedule import LatentSampler
 from shared.data.partition import UserData
+from shared.protocol.onnx_load import WeightsGenerator
 
 
 class LiteRuntime:
@@ -26,7 +27,7 @@ class LiteRuntime:
 
     name = "lite"
 
-    def __init__(self, threads: int = 1, eval_batch_size: int = 2048):
+    def __init__(self, threads: int = 1, eval_batch_size: int = 256):
         self.version = np.__version__
         self.threads = threads  # informational: see the module docstring
         self.eval_batch_size = eval_batch_size
@@ -47,6 +48,12 @@ class LiteRuntime:
     def evaluate(self, state: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluated:
         correct, count, loss_sum = evaluate(self._model(), state, x, y, self.eval_batch_size)
         return Evaluated(correct, count, loss_sum)
+
+    def load_generator(self, blob: bytes, cfg: AlgorithmConfig, latent_dim: int, num_classes: int,
+                       max_bytes: int) -> LatentSampler:
+        """Evaluated in numpy from the file's weights (`WeightsGenerator`): no onnxruntime on the device."""
+        return WeightsGenerator(blob, noise_dim=cfg.noise_dim, latent_dim=latent_dim, num_classes=num_classes,
+                                hidden=cfg.generator_hidden, max_bytes=max_bytes)
 
     def train(self, start: Mapping[str, np.ndarray], data: UserData, round_idx: int, seed: int,
               sampler: LatentSampler | None, prior: np.ndarray | None) -> Trained:

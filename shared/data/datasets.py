@@ -95,7 +95,9 @@ def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header_end != expected:
         raise DataError(f"{source}: IDX body has {len(raw) - header_end} bytes, shape {shape} needs {expected}")
-    return np.frombuffer(raw, dtype=dtype, offset=header_end).reshape(shape).astype(dtype.newbyteorder("="))
+    # read-only, and a view of `raw` where the byte order is already native (uint8 images: no copy)
+    return np.frombuffer(raw, dtype=dtype, offset=header_end).reshape(shape).astype(dtype.newbyteorder("="),
+                                                                                  copy=False)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -155,8 +157,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels 0..255 to float32 in [-1, 1] (the reference's Normalize((0.5,), (0.5,)))."""
-    return images.astype(np.float32) / 127.5 - 1.0
+    """uint8 pixels 0..255 to float32 in [-1, 1] (the reference's Normalize((0.5,), (0.5,))), computed in place:
+    one float32 array at the peak, not three (what a 512 MB device can afford)."""
+    out = images.astype(np.float32)
+    np.divide(out, np.float32(127.5), out=out)
+    np.subtract(out, np.float32(1.0), out=out)
+    return out
 
 
 def make_subset(source: Dataset, out_dir: str | os.PathLike, train_per_class: int, test_per_class: int,

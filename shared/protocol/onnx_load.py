@@ -1,8 +1,13 @@
-"""Reading what the server publishes, on a device (numpy, onnx and onnxruntime; no torch).
+"""Reading what the server publishes, on a device (numpy; onnx and onnxruntime for `OnnxGenerator`; no torch).
 
 * `parse_onnx`: an untrusted ONNX model, size-limited, with external data refused.
 * `state_from_onnx`: the weights of a published classifier or predictor, by state-dict name.
-* `OnnxGenerator`: the FedGen generator as a `LatentSampler` (numpy in, numpy out) backed by onnxruntime.
+* `OnnxGenerator`: the FedGen generator as a `LatentSampler` (numpy in, numpy out) backed by onnxruntime (the
+  torch runtime's; its graph is checked against the job's `GraphBudget` with onnx's shape inference first).
+* `WeightsGenerator`: the same generator evaluated in numpy from the ONNX file's weights alone (the lite
+  runtime's: no onnx, no onnxruntime, and no received graph is ever executed).
+
+`state_from_onnx` and `WeightsGenerator` read the file with `shared.protocol.onnx_wire` (no onnx package).
 
 Everything read here is untrusted: it is size-limited, and every failure surfaces as `ValidationError`.
 """
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shared.protocol.errors import ValidationError
+from shared.protocol.onnx_wire import WireModel, read_model
 from shared.protocol.tensors import DEFAULT_MAX_ABS_VALUE, check_values
 
 if TYPE_CHECKING:  # imported lazily: importing onnx takes ~0.7 s, which a device pays only when it reads one
@@ -78,8 +84,7 @@ def state_from_onnx(blob: bytes, expected: Spec, max_bytes: int = DEFAULT_MAX_ON
     (e.g. `shared.algorithm.models.shared_keys`): integer buffers such as ``num_batches_tracked`` are not in the export.
     """
     onnx_dtypes = {name: _onnx_dtype(dtype) for name, (_, dtype) in expected.items()}
-    model = parse_onnx(blob, max_bytes)
-    initializers = _initializers(model)
+    initializers = read_model(blob, max_bytes).initializers
     _check_names(initializers, expected)
     result: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in expected.items():
@@ -88,17 +93,10 @@ def state_from_onnx(blob: bytes, expected: Spec, max_bytes: int = DEFAULT_MAX_ON
             raise ValidationError("bad_shape", f"{name} has shape {tuple(tensor.dims)}, expected {tuple(shape)}")
         if tensor.data_type != onnx_dtypes[name]:
             raise ValidationError("bad_dtype", f"{name} has ONNX data type {tensor.data_type}, expected {dtype}")
-        result[name] = _to_tensor(name, tensor, np.dtype(dtype), max_abs)
+        array = tensor.to_array()
+        check_values(name, array, max_abs)
+        result[name] = array
     return result
-
-
-def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    found: dict[str, onnx.TensorProto] = {}
-    for tensor in model.graph.initializer:
-        if tensor.name in found:
-            raise ValidationError("bad_onnx", f"initializer {tensor.name!r} appears twice")
-        found[tensor.name] = tensor
-    return found
 
 
 def _check_names(initializers: Mapping[str, object], expected: Spec) -> None:
@@ -109,17 +107,6 @@ def _check_names(initializers: Mapping[str, object], expected: Spec) -> None:
     extra = sorted(n for n in set(initializers) - set(expected) if "." in n and n.split(".")[0] in namespaces)
     if extra:
         raise ValidationError("unexpected_tensor", f"unexpected tensors {extra}")
-
-
-def _to_tensor(name: str, proto: onnx.TensorProto, dtype: np.dtype, max_abs: float) -> np.ndarray:
-    from onnx import numpy_helper
-
-    try:
-        array = np.array(numpy_helper.to_array(proto), dtype=dtype, copy=True)
-    except Exception as exc:  # inconsistent sizes, unsupported storage
-        raise ValidationError("bad_onnx", f"{name}: unreadable tensor data ({type(exc).__name__})") from None
-    check_values(name, array, max_abs)
-    return array
 
 
 _ONNX_DTYPES = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2, np.dtype(np.int8): 3, np.dtype(np.int16): 5,
@@ -174,6 +161,73 @@ class OnnxGenerator:
         z = self(np.full((n, self.noise_dim), 0.5, dtype=np.float32), labels)
         if tuple(z.shape) != (n, self.latent_dim) or not np.isfinite(z).all():
             raise ValidationError("bad_onnx", f"generator gave shape {tuple(z.shape)} or non-finite values")
+
+
+class WeightsGenerator:
+    """A `LatentSampler` that evaluates the FedGen generator (`shared.algorithm.models.Generator`: concat(noise,
+    one-hot y) -> Gemm -> BatchNormalization (inference) -> Relu -> Gemm) in numpy, from the initializers of its
+    published ONNX file, by the names and shapes the job's generator has.
+
+    The file must be that architecture: its initializers exactly the generator's eight tensors, its compute
+    operators exactly two Gemm (alpha = beta = 1, weights transposed), one BatchNormalization and one Relu, its
+    other operators only the one-hot encoding's (Constant, Cast, Unsqueeze, Range, Equal, Concat); anything
+    else is ValidationError('bad_onnx' or a tensor reason): a generator it cannot evaluate exactly is refused,
+    never guessed. The graph itself is not executed, so no file can make the device allocate more than the
+    generator's own weights and a batch's activations.
+    """
+
+    LAYOUT_OPS = frozenset({"Constant", "Cast", "Unsqueeze", "Range", "Equal", "Concat"})
+
+    def __init__(self, blob: bytes, *, noise_dim: int, latent_dim: int, num_classes: int, hidden: int,
+                 max_bytes: int = DEFAULT_MAX_ONNX_BYTES, max_abs: float = DEFAULT_MAX_ABS_VALUE):
+        self.noise_dim, self.latent_dim, self.num_classes = noise_dim, latent_dim, num_classes
+        f32 = np.dtype(np.float32)
+        spec = {"net.0.weight": ((hidden, noise_dim + num_classes), f32), "net.0.bias": ((hidden,), f32),
+                **{f"net.1.{k}": ((hidden,), f32) for k in ("weight", "bias", "running_mean", "running_var")},
+                "net.3.weight": ((latent_dim, hidden), f32), "net.3.bias": ((latent_dim,), f32)}
+        model = read_model(blob, max_bytes)
+        extra = sorted(set(model.initializers) - set(spec))
+        if extra:
+            raise ValidationError("unexpected_tensor", f"the generator holds tensors it should not: {extra[:5]}")
+        self.epsilon = self._check_graph(model)
+        w = state_from_onnx(blob, spec, max_bytes=max_bytes, max_abs=max_abs)
+        if (w["net.1.running_var"] < 0).any():
+            raise ValidationError("bad_onnx", "the generator's BatchNorm has a negative running variance")
+        self._w0, self._b0, self._w3, self._b3 = w["net.0.weight"], w["net.0.bias"], w["net.3.weight"], w["net.3.bias"]
+        self._bn = (w["net.1.running_mean"], w["net.1.running_var"], w["net.1.weight"], w["net.1.bias"])
+
+    @classmethod
+    def _check_graph(cls, model: WireModel) -> float:
+        """The BatchNormalization's epsilon, after checking the operators are the generator's."""
+        compute = [n for n in model.nodes if n.op_type not in cls.LAYOUT_OPS]
+        ops = sorted(n.op_type for n in compute)
+        if model.functions or any(n.has_subgraph or n.domain not in ("", "ai.onnx") for n in model.nodes) \
+                or ops != ["BatchNormalization", "Gemm", "Gemm", "Relu"]:
+            raise ValidationError("bad_onnx", f"not the FedGen generator's graph (operators {ops[:8]})")
+        for gemm in (n for n in compute if n.op_type == "Gemm"):
+            a = gemm.attributes
+            if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0) != 0 \
+                    or a.get("transB", 0) != 1:
+                raise ValidationError("bad_onnx", f"a Gemm with attributes {a} is not the generator's Linear")
+        norm = next(n for n in compute if n.op_type == "BatchNormalization").attributes
+        epsilon = norm.get("epsilon", 1e-5)
+        if not 0 < epsilon < 1 or norm.get("training_mode", 0) != 0:
+            raise ValidationError("bad_onnx", f"BatchNormalization epsilon {epsilon}")
+        return float(epsilon)
+
+    def __call__(self, noise: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        noise, labels = np.asarray(noise, dtype=np.float32), np.asarray(labels)
+        if noise.ndim != 2 or noise.shape[1] != self.noise_dim:
+            raise ValueError(f"noise must have shape [N, {self.noise_dim}], got {tuple(noise.shape)}")
+        if labels.shape != (noise.shape[0],) or (labels.size and not (
+                0 <= int(labels.min()) and int(labels.max()) < self.num_classes)):
+            raise ValueError(f"labels must have shape [{noise.shape[0]}] and lie in [0, {self.num_classes})")
+        onehot = np.zeros((len(labels), self.num_classes), dtype=np.float32)
+        onehot[np.arange(len(labels)), labels] = 1.0
+        h = np.concatenate([noise, onehot], axis=1) @ self._w0.T + self._b0
+        mean, var, weight, bias = self._bn
+        h = (h - mean) / np.sqrt(var + np.float32(self.epsilon)) * weight + bias
+        return np.maximum(h, np.float32(0)) @ self._w3.T + self._b3
 
 
 GENERATOR_OPS = frozenset({"Cast", "Constant", "Gemm", "MatMul", "Add", "Mul", "Sub", "Div", "Unsqueeze", "Squeeze",

@@ -136,21 +136,30 @@ def test_refuses_what_it_cannot_run() -> None:
     assert "lite" in RUNTIMES and isinstance(make_runtime("lite"), LiteRuntime)
 
 
-def test_imports_and_trains_without_torch() -> None:
+def test_imports_and_trains_without_torch_onnx_or_onnxruntime(tmp_path) -> None:
+    """The lite runtime reads the published generator ONNX itself (no onnx, no onnxruntime) and trains with it."""
+    from shared.algorithm.models import Generator
+    from shared.protocol.onnx_export import export_generator_onnx
+
+    torch.manual_seed(0)
+    (tmp_path / "generator.onnx").write_bytes(export_generator_onnx(Generator(10)))
     code = (
-        "import sys; sys.modules['torch'] = None\n"
+        "import sys\n"
+        "for name in ('torch', 'onnx', 'onnxruntime'): sys.modules[name] = None\n"
         "import numpy as np\n"
-        "import edge_client.lite\n"
+        "import edge_client.client\n"
         "from edge_client.runtime import make_runtime\n"
         "from shared.algorithm.config import AlgorithmConfig\n"
         "from shared.data.partition import UserData\n"
-        "rt = make_runtime('lite'); rt.prepare(AlgorithmConfig(algorithm='fedgen', local_steps=3), (1, 28, 28), 10)\n"
+        "cfg = AlgorithmConfig(algorithm='fedgen', local_steps=3)\n"
+        "rt = make_runtime('lite'); rt.prepare(cfg, (1, 28, 28), 10)\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.uniform(-1, 1, (40, 1, 28, 28)).astype(np.float32); y = rng.integers(0, 10, 40)\n"
-        "sampler = lambda noise, labels: np.tanh(noise @ np.ones((32, 32), np.float32) / 32 + labels[:, None])\n"
+        f"sampler = rt.load_generator(open({str(tmp_path / 'generator.onnx')!r}, 'rb').read(), cfg, 32, 10, 2**26)\n"
         "out = rt.train(rt.template(), UserData(0, x, y, x, y, 10), 2, 1, sampler, None)\n"
         "ev = rt.evaluate(out.state, x, y)\n"
-        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+        "loaded = {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+        "assert not loaded & {'torch', 'onnx', 'onnxruntime', 'google'}, loaded\n"
         "print(rt.name, ev.count, sorted(out.upload) == sorted(rt.shared_keys(False)), np.isfinite(out.train_loss))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,

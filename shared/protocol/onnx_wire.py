@@ -1,0 +1,249 @@
+"""What a device reads of an untrusted ONNX file, straight from the protobuf wire format: the initializers
+(name, shape, data type, data) and the nodes (operator, domain, numeric attributes), with tensors that point to
+external data refused.
+
+Why not the `onnx` package: a device only needs the weights of a model whose architecture it already knows, and
+importing `onnx` costs ~17 MiB of resident memory and ~40 MB of install (protobuf, ml_dtypes) on a device that
+may have 512 MB in all (docs/edge.md, bench/results/footprint.md). The reader is bounded: every length is checked
+against the bytes that remain, nesting is limited to `MAX_DEPTH`, groups and unknown wire types are refused, and
+every failure is a `ValidationError('bad_onnx')`. Field numbers are those of onnx.proto3 (ModelProto, GraphProto,
+NodeProto, AttributeProto, TensorProto, SparseTensorProto, FunctionProto, TrainingInfoProto).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.protocol.errors import ValidationError
+
+MAX_DEPTH = 8  # graphs inside node attributes inside graphs ...
+
+# TensorProto.DataType -> numpy little-endian dtype, for the types a device reads
+DATA_TYPES = {1: "<f4", 2: "u1", 3: "i1", 5: "<i2", 6: "<i4", 7: "<i8", 9: "?", 10: "<f2", 11: "<f8"}
+_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
+
+
+@dataclass
+class WireTensor:
+    """A TensorProto's name, dims, data type and data (raw_data, or the typed repeated field)."""
+
+    name: str = ""
+    dims: list[int] = field(default_factory=list)
+    data_type: int = 0
+    raw: bytes | None = None
+    floats: list[float] = field(default_factory=list)
+    ints: list[int] = field(default_factory=list)  # int32_data / int64_data
+
+    def to_array(self) -> np.ndarray:
+        """The tensor as a numpy array of its own type; ValidationError('bad_onnx') when the data does not
+        fill its shape or the type is not one a device reads."""
+        if self.data_type not in DATA_TYPES:
+            raise ValidationError("bad_onnx", f"{self.name}: unsupported ONNX data type {self.data_type}")
+        if any(d < 0 for d in self.dims):
+            raise ValidationError("bad_onnx", f"{self.name}: negative dimension in {self.dims}")
+        dtype, count = np.dtype(DATA_TYPES[self.data_type]), math.prod(self.dims)
+        if self.raw is not None:
+            if len(self.raw) != count * dtype.itemsize:
+                raise ValidationError("bad_onnx", f"{self.name}: {len(self.raw)} bytes of data for shape {self.dims}")
+            values = np.frombuffer(self.raw, dtype=dtype)
+        elif self.data_type == 1 and len(self.floats) == count:
+            values = np.asarray(self.floats, dtype=dtype)
+        elif self.data_type in (2, 3, 5, 6, 7, 9) and len(self.ints) == count:
+            values = np.asarray(self.ints, dtype=np.int64).astype(dtype)
+        else:
+            raise ValidationError("bad_onnx", f"{self.name}: its data does not fill shape {self.dims}")
+        return values.reshape(self.dims).astype(dtype.newbyteorder("="), copy=True)
+
+
+@dataclass
+class WireNode:
+    op_type: str = ""
+    domain: str = ""
+    inputs: list[str] = field(default_factory=list)
+    attributes: dict[str, float | int] = field(default_factory=dict)  # the scalar (f / i) attributes
+    has_subgraph: bool = False
+
+
+@dataclass
+class WireModel:
+    """The main graph's initializers (by name, each once) and nodes; `functions`: how many local functions."""
+
+    initializers: dict[str, WireTensor] = field(default_factory=dict)
+    nodes: list[WireNode] = field(default_factory=list)
+    functions: int = 0
+
+
+def read_model(blob: bytes, max_bytes: int) -> WireModel:
+    """Parse an untrusted ONNX model; ValidationError ('too_large', 'bad_onnx') when it is too big, malformed,
+    names an initializer twice, or holds any tensor with external data (reading it would open files named by
+    the sender)."""
+    if len(blob) > max_bytes:
+        raise ValidationError("too_large", f"ONNX model of {len(blob)} bytes exceeds {max_bytes}")
+    model, graphs = WireModel(), 0
+    for number, wire, value in _fields(memoryview(blob)):
+        if number == 7 and wire == _WIRE_LEN:  # graph
+            graphs += 1
+            _read_graph(value, model, depth=1)
+        elif number == 25 and wire == _WIRE_LEN:  # functions: nodes (field 7) may carry tensors too
+            model.functions += 1
+            for n, w, v in _fields(value):
+                if n == 7 and w == _WIRE_LEN:
+                    _read_node(v, depth=1)
+        elif number == 20 and wire == _WIRE_LEN:  # training_info: initialization / algorithm graphs
+            for n, w, v in _fields(value):
+                if n in (1, 2) and w == _WIRE_LEN:
+                    _read_graph(v, WireModel(), depth=1)
+    if graphs != 1:
+        raise ValidationError("bad_onnx", f"an ONNX model has one graph, this one has {graphs}")
+    return model
+
+
+def _read_graph(buf: memoryview, into: WireModel, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ValidationError("bad_onnx", f"graphs nested deeper than {MAX_DEPTH}")
+    for number, wire, value in _fields(buf):
+        if wire != _WIRE_LEN:
+            continue
+        if number == 1:
+            into.nodes.append(_read_node(value, depth))
+        elif number == 5:
+            tensor = _read_tensor(value)
+            if tensor.name in into.initializers:
+                raise ValidationError("bad_onnx", f"initializer {tensor.name!r} appears twice")
+            into.initializers[tensor.name] = tensor
+        elif number == 15:
+            _read_sparse(value)
+
+
+def _read_node(buf: memoryview, depth: int) -> WireNode:
+    node = WireNode()
+    for number, wire, value in _fields(buf):
+        if number == 1 and wire == _WIRE_LEN:
+            node.inputs.append(_text(value))
+        elif number == 4 and wire == _WIRE_LEN:
+            node.op_type = _text(value)
+        elif number == 7 and wire == _WIRE_LEN:
+            node.domain = _text(value)
+        elif number == 5 and wire == _WIRE_LEN:
+            _read_attribute(value, node, depth)
+    return node
+
+
+def _read_attribute(buf: memoryview, node: WireNode, depth: int) -> None:
+    name, scalar = "", None
+    for number, wire, value in _fields(buf):
+        if number == 1 and wire == _WIRE_LEN:
+            name = _text(value)
+        elif number == 2 and wire == _WIRE_I32:
+            scalar = struct.unpack("<f", value)[0]
+        elif number == 3 and wire == _WIRE_VARINT:
+            scalar = _signed(value)
+        elif number in (5, 10) and wire == _WIRE_LEN:  # t, tensors
+            _read_tensor(value)
+        elif number in (22, 23) and wire == _WIRE_LEN:  # sparse_tensor(s)
+            _read_sparse(value)
+        elif number in (6, 11) and wire == _WIRE_LEN:  # g, graphs
+            node.has_subgraph = True
+            _read_graph(value, WireModel(), depth + 1)
+    if scalar is not None:
+        node.attributes[name] = scalar
+
+
+def _read_sparse(buf: memoryview) -> None:
+    for number, wire, value in _fields(buf):
+        if number in (1, 2) and wire == _WIRE_LEN:
+            _read_tensor(value)
+
+
+def _read_tensor(buf: memoryview) -> WireTensor:
+    t = WireTensor()
+    for number, wire, value in _fields(buf):
+        if number == 1:
+            t.dims.extend(_ints(wire, value))
+        elif number == 2 and wire == _WIRE_VARINT:
+            t.data_type = value
+        elif number == 8 and wire == _WIRE_LEN:
+            t.name = _text(value)
+        elif number == 9 and wire == _WIRE_LEN:
+            t.raw = bytes(value)
+        elif number == 4:
+            t.floats.extend(_floats(wire, value))
+        elif number in (5, 7):
+            t.ints.extend(_ints(wire, value))
+        elif number == 13 or (number == 14 and wire == _WIRE_VARINT and value == 1):  # external_data / EXTERNAL
+            raise ValidationError("bad_onnx", "ONNX models with external data are refused")
+    return t
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
+    """(field number, wire type, value) of one message: an int for varints, a memoryview otherwise."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValidationError("bad_onnx", "field number 0")
+        if wire == _WIRE_VARINT:
+            value, pos = _varint(buf, pos)
+        elif wire in (_WIRE_I64, _WIRE_I32):
+            size = 8 if wire == _WIRE_I64 else 4
+            if pos + size > end:
+                raise ValidationError("bad_onnx", "truncated fixed-width field")
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == _WIRE_LEN:
+            size, pos = _varint(buf, pos)
+            if size > end - pos:
+                raise ValidationError("bad_onnx", "a length runs past the end of the message")
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise ValidationError("bad_onnx", f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(buf):
+            raise ValidationError("bad_onnx", "truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result & 0xFFFFFFFFFFFFFFFF, pos
+    raise ValidationError("bad_onnx", "varint longer than 10 bytes")
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _ints(wire: int, value: object) -> list[int]:
+    if wire == _WIRE_VARINT:
+        return [_signed(value)]
+    if wire != _WIRE_LEN:
+        raise ValidationError("bad_onnx", "integer field of the wrong wire type")
+    out, pos = [], 0
+    while pos < len(value):
+        v, pos = _varint(value, pos)
+        out.append(_signed(v))
+    return out
+
+
+def _floats(wire: int, value: object) -> list[float]:
+    if wire == _WIRE_I32:
+        return [struct.unpack("<f", value)[0]]
+    if wire != _WIRE_LEN or len(value) % 4:
+        raise ValidationError("bad_onnx", "float field of the wrong wire type or size")
+    return np.frombuffer(value, dtype="<f4").tolist()
+
+
+def _text(value: memoryview) -> str:
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("bad_onnx", "a name is not UTF-8") from None
