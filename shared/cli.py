@@ -39,6 +39,9 @@ def _add_partition_args(p: argparse.ArgumentParser) -> None:
                    help="training images kept per class before partitioning, or 'all' (default: the dataset's: "
                         "1500 for MNIST as the reference's setting, all 1000 of the shipped subset)")
     p.add_argument("--min-samples", type=int, default=10, help="redraw until every user has this many")
+    p.add_argument("--validation", type=float, default=0.0, metavar="FRACTION",
+                   help="hold out this fraction (0..0.5) of each user's training images as its validation split "
+                        "(simulate then reports val_accuracy; default 0: none)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -46,7 +49,8 @@ def _partition_config(args: argparse.Namespace):
     from shared.data.partition import PartitionSpec
 
     return PartitionSpec(dataset=args.dataset, users=args.users, alpha=args.alpha,
-                         samples_per_class=args.samples_per_class, min_samples=args.min_samples, seed=args.seed)
+                         samples_per_class=args.samples_per_class, min_samples=args.min_samples, seed=args.seed,
+                         validation=args.validation)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -92,19 +92,32 @@ def top_k_mean(values: list[float], k: int = 5) -> float:
 
 
 def evaluate_round(state: GlobalState, users: list[UserData], own_states: dict[int, dict],
-                   pooled_test: tuple[np.ndarray, np.ndarray]) -> EvalResult:
+                   pooled_test: tuple[np.ndarray, np.ndarray], split: str = "test") -> EvalResult:
     """Accuracy as docs/algorithm.md defines it: sum correct / sum tested over every user's test split.
 
     Full sharing: the global model (one model, so the users' splits are pooled). Partial sharing: each user's
-    own model, its theta^f with the global theta^p.
+    own model, its theta^f with the global theta^p. `split` "val": the same on the validation splits (then
+    `pooled_test` holds the pooled validation splits).
     """
     if not state.cfg.partial:
         return evaluate(state.model, state.state, *pooled_test)
     total = EvalResult(0, 0, 0.0)
     for user in users:
+        x, y = (user.test_x, user.test_y) if split == "test" else (user.val_x, user.val_y)
+        if not len(y):
+            continue
         model_state = client_start_state(state.state, own_states.get(user.user), partial=True)
-        total = total + evaluate(state.model, model_state, user.test_x, user.test_y)
+        total = total + evaluate(state.model, model_state, x, y)
     return total
+
+
+def _pooled(users: list[UserData], split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every user's `split` ("test" or "val") concatenated; None when the users have no validation split."""
+    if split == "val" and any(u.val_y is None for u in users):
+        return None
+    xs = [u.test_x if split == "test" else u.val_x for u in users]
+    ys = [u.test_y if split == "test" else u.val_y for u in users]
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[UserData] | None = None) -> dict:
@@ -117,7 +130,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
     algo = cfg.algorithm
     state = GlobalState(algo, dataset.info.image_shape, dataset.info.num_classes, cfg.seed)
     own_states: dict[int, dict] = {}
-    pooled_test = (np.concatenate([u.test_x for u in users]), np.concatenate([u.test_y for u in users]))
+    pooled_test, pooled_val = _pooled(users, "test"), _pooled(users, "val")
     rounds = []
     started = time.perf_counter()
     bar = tqdm(range(cfg.rounds), desc=f"{algo.algorithm}{' partial' if algo.partial else ''}",
@@ -146,13 +159,15 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
         record = {"round": r, "accuracy": ev.accuracy, "loss": ev.loss_sum / max(1, ev.count),
                   "bytes_up": bytes_up, "bytes_down": bytes_down, "train_loss": float(np.mean(train_losses)),
                   "selected": [int(k) for k in selected]}
+        if pooled_val is not None:  # the split decisions are made on (docs/algorithm.md)
+            record["val_accuracy"] = evaluate_round(state, users, own_states, pooled_val, "val").accuracy
         if gen_stats is not None:
             record["generator_loss"] = gen_stats.teacher_loss
             record["diversity_loss"] = gen_stats.diversity_loss
         rounds.append(record)
         bar.set_postfix(acc=f"{ev.accuracy:.4f}")
     accuracies = [r["accuracy"] for r in rounds]
-    return {
+    run = {
         "config": cfg.to_dict(),
         "rounds": rounds,
         "final_accuracy": accuracies[-1] if accuracies else math.nan,
@@ -160,6 +175,11 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
         "seconds": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
     }
+    if pooled_val is not None:
+        val = [r["val_accuracy"] for r in rounds]
+        run["final_val_accuracy"] = val[-1] if val else math.nan
+        run[f"val_{BEST5_KEY}"] = top_k_mean(val, 5)
+    return run
 
 
 def write_run(run: dict, path: str | Path) -> None:

@@ -7,6 +7,10 @@ Protocol (the reference code's, see docs/algorithm.md):
 3. Each class's test images are cut into `users` disjoint chunks; user k receives chunk k of every class it
    has at least one training image of, so a user's test split is balanced over its own labels and the
    users' test splits are disjoint.
+4. Optionally (`validation` > 0, not the reference's) each user's validation split: a seeded random
+   `validation` fraction of its own training images, held out of its training data. Choices of defaults and
+   hyper-parameters are made on it, never on the test split (docs/algorithm.md). It is drawn from its own
+   random stream, so steps 1-3 give the same split with or without it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class PartitionSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     samples_per_class: Annotated[int, msgspec.Meta(ge=1, le=10**7)] | None | msgspec.UnsetType = msgspec.UNSET
     min_samples: Annotated[int, msgspec.Meta(ge=0, le=10**6)] = 10
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    validation: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.0  # fraction of each user's training images
 
     def resolve(self, dataset: str | None = None, seed: int | None = None) -> PartitionSpec:
         """The spec with dataset, seed and samples per class filled in (explicit values win)."""
@@ -55,18 +60,20 @@ class PartitionSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                                        seed=self.seed if self.seed is not None else (seed or 0))
 
 
-_TEXT_KEYS = {"alpha", "users", "index", "seed", "spc", "min"}
+_TEXT_KEYS = {"alpha", "users", "index", "seed", "spc", "min", "val"}
 
 
 def parse_partition(text: str) -> tuple[PartitionSpec, int | None]:
-    """``DATASET:alpha=A:users=U:index=I|auto[:seed=S][:spc=N|all][:min=M]`` -> (spec, index or None for auto).
+    """``DATASET:alpha=A:users=U:index=I|auto[:seed=S][:spc=N|all][:min=M][:val=F]`` -> (spec, index or None
+    for auto).
     ValueError says what is wrong."""
     dataset, *options = text.split(":")
     values: dict[str, str] = {}
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key not in _TEXT_KEYS:
-            raise ValueError(f"--partition option {option!r}: expected alpha=, users=, index=, seed=, spc=, min=")
+            raise ValueError(f"--partition option {option!r}: expected alpha=, users=, index=, seed=, spc=, min=, "
+                             "val=")
         values[key] = value
     dataset_info(dataset)
     if "alpha" not in values or "users" not in values or "index" not in values:
@@ -79,6 +86,8 @@ def parse_partition(text: str) -> tuple[PartitionSpec, int | None]:
         fields["samples_per_class"] = None if values["spc"] == "all" else _number(values, "spc", int)
     if "min" in values:
         fields["min_samples"] = _number(values, "min", int)
+    if "val" in values:
+        fields["validation"] = _number(values, "val", float)
     try:
         spec = msgspec.convert(fields, PartitionSpec)
     except msgspec.ValidationError as exc:
@@ -106,6 +115,8 @@ def format_partition(spec: PartitionSpec, index: int | str | None = None) -> str
     parts.append(f"min={spec.min_samples}")
     if spec.seed is not None:
         parts.append(f"seed={spec.seed}")
+    if spec.validation:
+        parts.append(f"val={spec.validation:g}")
     return ":".join(parts)
 
 
@@ -120,6 +131,8 @@ class UserData:
     test_y: np.ndarray
     num_classes: int
     key: str | None = None  # what local training seeds derive from; default the user index (a device: its id)
+    val_x: np.ndarray | None = None  # the validation split (PartitionSpec.validation), None without one
+    val_y: np.ndarray | None = None
 
     @property
     def seed_key(self) -> str:
@@ -193,21 +206,23 @@ def check_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_class
 
 def partition(dataset: Dataset, spec: PartitionSpec) -> list[UserData]:
     """Split `dataset` over `spec.users` users; the same spec (seed included) gives the same split."""
-    train_idx, test_idx = partition_indices(dataset, spec)
-    return [_user(dataset, k, tr, te) for k, (tr, te) in enumerate(zip(train_idx, test_idx))]
+    train_idx, test_idx, val_idx = partition_indices(dataset, spec)
+    return [_user(dataset, k, tr, te, va) for k, (tr, te, va) in enumerate(zip(train_idx, test_idx, val_idx))]
 
 
 def partition_user(dataset: Dataset, spec: PartitionSpec, index: int) -> UserData:
     """User `index` of `partition(dataset, spec)`, without turning the other users' images into floats (what
     a device needs: a fraction of the memory)."""
-    train_idx, test_idx = partition_indices(dataset, spec)
+    train_idx, test_idx, val_idx = partition_indices(dataset, spec)
     if not 0 <= index < len(train_idx):
         raise PartitionError(f"partition index {index} outside 0..{len(train_idx) - 1}")
-    return _user(dataset, index, train_idx[index], test_idx[index])
+    return _user(dataset, index, train_idx[index], test_idx[index], val_idx[index])
 
 
-def partition_indices(dataset: Dataset, spec: PartitionSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(train indices, test indices) of every user."""
+def partition_indices(dataset: Dataset, spec: PartitionSpec
+                      ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]:
+    """(train indices, test indices, validation indices or None) of every user; validation indices are into
+    the training split, taken out of the user's training indices."""
     if spec.dataset is not None and spec.dataset != dataset.info.name:
         raise PartitionError(f"the partition is of {spec.dataset!r}, not {dataset.info.name!r}")
     cfg = spec.resolve(dataset.info.name)
@@ -215,13 +230,34 @@ def partition_indices(dataset: Dataset, spec: PartitionSpec) -> tuple[list[np.nd
     num_classes = dataset.info.num_classes
     train_idx = dirichlet_split(dataset.train_y, num_classes, cfg, rng)
     test_idx = split_test_sets(dataset.test_y, [dataset.train_y[i] for i in train_idx], num_classes, rng)
-    return train_idx, test_idx
+    if not 0 <= cfg.validation <= 0.5:
+        raise PartitionError(f"validation fraction {cfg.validation} outside 0..0.5")
+    if not cfg.validation:
+        return train_idx, test_idx, [None] * len(train_idx)
+    splits = [hold_out_validation(idx, cfg.validation, cfg.seed, k) for k, idx in enumerate(train_idx)]
+    return [tr for tr, _ in splits], test_idx, [va for _, va in splits]
 
 
-def _user(dataset: Dataset, k: int, tr: np.ndarray, te: np.ndarray) -> UserData:
-    return UserData(user=k, train_x=normalize(dataset.train_x[tr]), train_y=dataset.train_y[tr],
+VALIDATION_STREAM = 0x5A11D  # the validation split's random stream, apart from the partition's
+
+
+def hold_out_validation(train_idx: np.ndarray, fraction: float, seed: int, user: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices: a seeded random `fraction` of one user's training indices (rounded
+    down), drawn from a stream of its own per (seed, user); at least one image stays for training."""
+    rng = np.random.default_rng([seed, VALIDATION_STREAM, user])
+    order = rng.permutation(len(train_idx))
+    n_val = min(int(len(train_idx) * fraction), max(0, len(train_idx) - 1))
+    return np.sort(train_idx[order[n_val:]]), np.sort(train_idx[order[:n_val]])
+
+
+def _user(dataset: Dataset, k: int, tr: np.ndarray, te: np.ndarray, va: np.ndarray | None = None) -> UserData:
+    user = UserData(user=k, train_x=normalize(dataset.train_x[tr]), train_y=dataset.train_y[tr],
                     test_x=normalize(dataset.test_x[te]), test_y=dataset.test_y[te],
                     num_classes=dataset.info.num_classes)
+    if va is not None:
+        user.val_x, user.val_y = normalize(dataset.train_x[va]), dataset.train_y[va]
+    return user
 
 
 def label_histogram(users: list[UserData]) -> np.ndarray:

@@ -1,5 +1,6 @@
 """End-to-end in-process simulation on the shipped MNIST subset, and the `fedgen` CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -47,6 +48,27 @@ def test_partial_sharing_moves_far_fewer_bytes():
     assert full["rounds"][1]["bytes_up"] > 5 * 26_434 * 4
     # the generator is downloaded from round 1 on, on top of the model
     assert full["rounds"][1]["bytes_down"] > full["rounds"][0]["bytes_down"]
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_validation_split_is_evaluated_each_round_and_changes_nothing_when_off(partial):
+    """With a validation split the run reports, each round, the accuracy on the users' validation images (the
+    split decisions are made on), a real evaluation: well above chance and not the test figure; without one it
+    has no such keys."""
+    import msgspec
+
+    cfg = small("fedavg", partial=partial, rounds=6, local_steps=10)
+    with_val = msgspec.structs.replace(cfg.partition, validation=0.25)
+    run = run_simulation(dataclasses.replace(cfg, partition=with_val), progress=False)
+    plain = run_simulation(cfg, progress=False)
+    assert "val_accuracy" not in plain["rounds"][0] and "final_val_accuracy" not in plain
+    val = [r["val_accuracy"] for r in run["rounds"]]
+    assert len(val) == 6 and run["final_val_accuracy"] == val[-1]
+    assert val[-1] > 0.5 and val[-1] > val[0]  # chance is 0.1
+    assert val != [r["accuracy"] for r in run["rounds"]]
+    assert run["config"]["partition"]["validation"] == 0.25
+    # the held-out images are not trained on: other training data, so other accuracies than without the split
+    assert [r["accuracy"] for r in run["rounds"]] != [r["accuracy"] for r in plain["rounds"]]
 
 
 def test_cli_writes_run_json_and_plot(tmp_path):

@@ -1,5 +1,6 @@
 """The Dirichlet partitioner: sizes, disjointness, balanced per-user test splits, determinism."""
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from shared.data.partition import (
     format_histogram,
     label_histogram,
     partition,
+    format_partition,
     plot_histogram,
     split_test_sets,
 )
@@ -86,3 +88,36 @@ def test_histogram_text_and_png(subset, tmp_path):
     assert hist.sum() == 5000
     plot_histogram(hist, str(tmp_path / "fig4.png"))
     assert (tmp_path / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validation_split_is_held_out_of_training_and_leaves_the_rest_unchanged(subset):
+    """val=0.2: each user's validation images are a seeded fifth (rounded down) of its own training images, held
+    out of its training data; the test splits, and the training data with val=0, are exactly as without it."""
+    from shared.data.partition import parse_partition, partition_indices
+
+    base = PartitionSpec(users=8, alpha=0.1, samples_per_class=300, seed=5)
+    plain_train, plain_test, plain_val = partition_indices(subset, base)
+    assert plain_val == [None] * 8
+    spec = PartitionSpec(users=8, alpha=0.1, samples_per_class=300, seed=5, validation=0.2)
+    train, test, val = partition_indices(subset, spec)
+    for k in range(8):
+        assert np.array_equal(test[k], plain_test[k])
+        assert len(val[k]) == int(0.2 * len(plain_train[k]))
+        assert not set(val[k]) & set(train[k])
+        assert np.array_equal(np.sort(np.concatenate([train[k], val[k]])), plain_train[k])
+    again = partition_indices(subset, spec)[2]
+    assert all(np.array_equal(a, b) for a, b in zip(val, again))  # seeded
+    reseeded = partition_indices(subset, msgspec.structs.replace(spec, seed=6))
+    assert not all(np.array_equal(a, b) for a, b in zip(reseeded[2], val))
+    users = partition(subset, spec)
+    assert [len(u.val_y) for u in users] == [len(v) for v in val]
+    assert np.array_equal(users[0].val_y, subset.train_y[val[0]])
+    assert users[0].label_counts().sum() == len(train[0])  # counts are the training images only
+    assert users[0].val_x.dtype == np.float32 and users[0].val_x.min() >= -1
+    text = format_partition(spec, index=3)
+    parsed, index = parse_partition("mnist-subset:" + text.split(":", 1)[1])
+    assert text.endswith(":val=0.2") and index == 3 and parsed.validation == 0.2 and parsed.seed == 5
+    with pytest.raises(PartitionError, match="validation"):
+        partition_indices(subset, PartitionSpec(users=8, alpha=0.1, samples_per_class=300, validation=0.9))
+    with pytest.raises(ValueError, match="val="):
+        parse_partition("mnist-subset:alpha=0.1:users=4:index=0:val=abc")
