@@ -10,9 +10,9 @@ from shared.data.partition import (
     PartitionSpec,
     dirichlet_split,
     format_histogram,
+    format_partition,
     label_histogram,
     partition,
-    format_partition,
     plot_histogram,
     split_test_sets,
 )
