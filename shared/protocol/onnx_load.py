@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # imported lazily: importing onnx takes ~0.7 s, which a devic
     import onnxruntime
 
 DEFAULT_MAX_ONNX_BYTES = 64 * 1024 * 1024
+GRAPH_ALLOWANCE = 1024 * 1024  # bytes an exported file may hold beyond twice its weights (graph, names, constants)
 
 Spec = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -84,7 +85,9 @@ def state_from_onnx(blob: bytes, expected: Spec, max_bytes: int = DEFAULT_MAX_ON
     (e.g. `shared.algorithm.models.shared_keys`): integer buffers such as ``num_batches_tracked`` are not in the export.
     """
     onnx_dtypes = {name: _onnx_dtype(dtype) for name, (_, dtype) in expected.items()}
-    initializers = read_model(blob, max_bytes).initializers
+    weights = sum(_numel(shape) * np.dtype(dtype).itemsize for shape, dtype in expected.values())
+    # the file holds these weights and a graph: far more bytes than that is not this model (and costs parsing)
+    initializers = read_model(blob, min(max_bytes, 2 * weights + GRAPH_ALLOWANCE)).initializers
     _check_names(initializers, expected)
     result: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in expected.items():

@@ -22,6 +22,7 @@ import numpy as np
 from shared.protocol.errors import ValidationError
 
 MAX_DEPTH = 8  # graphs inside node attributes inside graphs ...
+MAX_RANK = 64
 
 # TensorProto.DataType -> numpy little-endian dtype, for the types a device reads
 DATA_TYPES = {1: "<f4", 2: "u1", 3: "i1", 5: "<i2", 6: "<i4", 7: "<i8", 9: "?", 10: "<f2", 11: "<f8"}
@@ -30,14 +31,15 @@ _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 
 @dataclass
 class WireTensor:
-    """A TensorProto's name, dims, data type and data (raw_data, or the typed repeated field)."""
+    """A TensorProto's name, dims, data type and data: raw_data, or the typed repeated field's encoded bytes,
+    decoded only by `to_array` (so a tensor nobody asks for costs nothing, and a huge one is refused by its
+    declared shape before any decoding)."""
 
     name: str = ""
     dims: list[int] = field(default_factory=list)
     data_type: int = 0
-    raw: bytes | None = None
-    floats: list[float] = field(default_factory=list)
-    ints: list[int] = field(default_factory=list)  # int32_data / int64_data
+    raw: memoryview | None = None
+    typed: list[tuple[int, int, object]] = field(default_factory=list)  # (field number, wire type, value)
 
     def to_array(self) -> np.ndarray:
         """The tensor as a numpy array of its own type; ValidationError('bad_onnx') when the data does not
@@ -51,11 +53,12 @@ class WireTensor:
             if len(self.raw) != count * dtype.itemsize:
                 raise ValidationError("bad_onnx", f"{self.name}: {len(self.raw)} bytes of data for shape {self.dims}")
             values = np.frombuffer(self.raw, dtype=dtype)
-        elif self.data_type == 1 and len(self.floats) == count:
-            values = np.asarray(self.floats, dtype=dtype)
-        elif self.data_type in (2, 3, 5, 6, 7, 9) and len(self.ints) == count:
-            values = np.asarray(self.ints, dtype=np.int64).astype(dtype)
+        elif self.data_type == 1:
+            values = np.concatenate([_floats(w, v) for n, w, v in self.typed if n == 4] or [np.zeros(0, "<f4")])
         else:
+            values = np.asarray(_ints([(w, v) for n, w, v in self.typed if n in (5, 7)], limit=count),
+                                dtype=np.int64).astype(dtype)
+        if values.size != count:
             raise ValidationError("bad_onnx", f"{self.name}: its data does not fill shape {self.dims}")
         return values.reshape(self.dims).astype(dtype.newbyteorder("="), copy=True)
 
@@ -164,17 +167,17 @@ def _read_tensor(buf: memoryview) -> WireTensor:
     t = WireTensor()
     for number, wire, value in _fields(buf):
         if number == 1:
-            t.dims.extend(_ints(wire, value))
+            t.dims.extend(_ints([(wire, value)], limit=MAX_RANK))
+            if len(t.dims) > MAX_RANK:
+                raise ValidationError("bad_onnx", f"a tensor of rank above {MAX_RANK}")
         elif number == 2 and wire == _WIRE_VARINT:
             t.data_type = value
         elif number == 8 and wire == _WIRE_LEN:
             t.name = _text(value)
         elif number == 9 and wire == _WIRE_LEN:
-            t.raw = bytes(value)
-        elif number == 4:
-            t.floats.extend(_floats(wire, value))
-        elif number in (5, 7):
-            t.ints.extend(_ints(wire, value))
+            t.raw = value
+        elif number in (4, 5, 7):  # float_data, int32_data, int64_data
+            t.typed.append((number, wire, value))
         elif number == 13 or (number == 14 and wire == _WIRE_VARINT and value == 1):  # external_data / EXTERNAL
             raise ValidationError("bad_onnx", "ONNX models with external data are refused")
     return t
@@ -222,24 +225,31 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _ints(wire: int, value: object) -> list[int]:
-    if wire == _WIRE_VARINT:
-        return [_signed(value)]
-    if wire != _WIRE_LEN:
-        raise ValidationError("bad_onnx", "integer field of the wrong wire type")
-    out, pos = [], 0
-    while pos < len(value):
-        v, pos = _varint(value, pos)
-        out.append(_signed(v))
+def _ints(fields: list[tuple[int, object]], limit: int) -> list[int]:
+    """The integers of repeated varint fields (packed or not), at most `limit` of them (ValidationError beyond:
+    a few bytes of varints must not become millions of Python integers)."""
+    out: list[int] = []
+    for wire, value in fields:
+        if wire == _WIRE_VARINT:
+            out.append(_signed(value))
+        elif wire == _WIRE_LEN:
+            pos = 0
+            while pos < len(value) and len(out) <= limit:
+                v, pos = _varint(value, pos)
+                out.append(_signed(v))
+        else:
+            raise ValidationError("bad_onnx", "integer field of the wrong wire type")
+        if len(out) > limit:
+            raise ValidationError("bad_onnx", f"more than {limit} integers where at most that many fit")
     return out
 
 
-def _floats(wire: int, value: object) -> list[float]:
+def _floats(wire: int, value: object) -> np.ndarray:
     if wire == _WIRE_I32:
-        return [struct.unpack("<f", value)[0]]
+        return np.frombuffer(value, dtype="<f4")
     if wire != _WIRE_LEN or len(value) % 4:
         raise ValidationError("bad_onnx", "float field of the wrong wire type or size")
-    return np.frombuffer(value, dtype="<f4").tolist()
+    return np.frombuffer(value, dtype="<f4")
 
 
 def _text(value: memoryview) -> str:

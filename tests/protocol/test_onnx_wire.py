@@ -209,3 +209,21 @@ def test_weights_generator_refuses_what_it_cannot_evaluate_exactly(generator_blo
         sampler(np.zeros((2, 32), np.float32), np.array([0, 10]))
     with pytest.raises(ValueError, match="noise must have shape"):
         sampler(np.zeros((2, 31), np.float32), np.array([0, 1]))
+
+
+def test_files_far_larger_than_their_weights_and_integer_bombs_are_refused(classifier_blob) -> None:
+    """state_from_onnx reads at most twice the expected weights plus 1 MiB of file; packed integers beyond a
+    tensor's declared size are refused before they become Python integers."""
+    from shared.protocol.onnx_load import state_from_onnx
+
+    model = onnx.load_from_string(classifier_blob)
+    spec = {t.name: (tuple(t.dims), np.dtype(np.float32)) for t in model.graph.initializer if t.data_type == 1}
+    assert set(state_from_onnx(classifier_blob, spec)) == set(spec)
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(400_000, np.float32), "padding"))
+    with pytest.raises(ValidationError) as err:
+        state_from_onnx(model.SerializeToString(), spec)
+    assert err.value.reason == "too_large"
+    bomb = TensorProto(name="w", dims=[2], data_type=TensorProto.INT64, int64_data=list(range(200_000)))
+    parsed = read_model(helper.make_model(helper.make_graph([], "g", [], [], [bomb])).SerializeToString(), LIMIT)
+    with pytest.raises(ValidationError, match="more than 2 integers"):
+        parsed.initializers["w"].to_array()
