@@ -610,7 +610,8 @@ def test_edge_refuses_a_corrupt_delta_and_takes_the_full_model(mosquitto_dev, ed
         server.close()
 
 
-def test_edge_waits_while_the_model_is_garbage(mosquitto_dev, edge, caplog):
+@pytest.mark.parametrize("runtime", ["torch", "lite"])
+def test_edge_waits_while_the_model_is_garbage(mosquitto_dev, edge, caplog, runtime):
     server = FakeServer(mosquitto_dev)
     try:
         shared = server.gs.shared_state()
@@ -618,7 +619,7 @@ def test_edge_waits_while_the_model_is_garbage(mosquitto_dev, edge, caplog):
         garbage = server.artifact(b"\x08\x07garbage, not an ONNX model" * 10)
         with caplog.at_level("INFO", logger="fedgen.edge"):
             server.announce(0, shared, garbage, predictor)
-            client, thread, result = edge()
+            client, thread, result = edge(runtime=runtime)
             deadline = time.monotonic() + 60
             while "model ONNX refused" not in caplog.text:
                 assert time.monotonic() < deadline, caplog.text
@@ -637,7 +638,8 @@ def test_edge_waits_while_the_model_is_garbage(mosquitto_dev, edge, caplog):
         server.close()
 
 
-def test_edge_trains_without_a_generator_that_is_a_classifier(mosquitto_dev, edge, caplog):
+@pytest.mark.parametrize("runtime", ["torch", "lite"])
+def test_edge_trains_without_a_generator_that_is_a_classifier(mosquitto_dev, edge, caplog, runtime):
     server = FakeServer(mosquitto_dev, algorithm="fedgen")
     try:
         shared = server.gs.shared_state()
@@ -645,7 +647,7 @@ def test_edge_trains_without_a_generator_that_is_a_classifier(mosquitto_dev, edg
         with caplog.at_level("INFO", logger="fedgen.edge"):
             # the "generator" is the classifier's ONNX: well-formed, matching its sha256, the wrong interface
             server.announce(0, shared, model, predictor, generator=model)
-            client, thread, result = edge()
+            client, thread, result = edge(runtime=runtime)
             header = server.wait_update()
             server.finish()
             thread.join(timeout=60)
@@ -728,7 +730,8 @@ def test_edge_refuses_an_assignment_past_the_partition(mosquitto_dev, edge, capl
         server.close()
 
 
-def test_edge_trains_fedgen_without_a_generator_after_round_0(mosquitto_dev, edge, caplog):
+@pytest.mark.parametrize("runtime", ["torch", "lite"])
+def test_edge_trains_fedgen_without_a_generator_after_round_0(mosquitto_dev, edge, caplog, runtime):
     """A FedGen manifest of round 1 with no generator (or one that would allocate far more than the job's
     generator could): the device trains without it that round, as docs/algorithm.md says."""
     import numpy as np
@@ -750,7 +753,7 @@ def test_edge_trains_fedgen_without_a_generator_after_round_0(mosquitto_dev, edg
                               .SerializeToString())
         with caplog.at_level("INFO", logger="fedgen.edge"):
             server.announce(1, shared, model, predictor, round_index=1, generator=hog)
-            client, thread, result = edge()
+            client, thread, result = edge(runtime=runtime)
             header = server.wait_update()
             assert header.round == 1 and "refused the generator" in caplog.text
             server.finish()
