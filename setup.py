@@ -20,6 +20,6 @@ for package, folder in SHIPPED.items():
 setup(
     packages=find_packages(include=["shared*", "server_api*", "edge_client*"]) + sorted(mapped),
     package_dir=mapped,
-    package_data={"shared": ["data/shipped/**/*", "py.typed"], "server_api.api": ["static/*"],
+    package_data={"shared": ["data/shipped/**/*", "protocol/onnx_templates/*.onnx", "py.typed"], "server_api.api": ["static/*"],
                   **{p: ["*"] for p in mapped}},
 )

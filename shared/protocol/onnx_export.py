@@ -10,10 +10,12 @@ reads the weights back with `shared.protocol.onnx_load.state_from_onnx`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,13 +84,11 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str]
     import onnx
 
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    key = (type(module).__qualname__, tuple(inputs), tuple(outputs),
-           tuple((a.dtype, tuple(a.shape)) for a in args),
-           tuple((k, v.dtype, tuple(v.shape)) for k, v in state.items()))
+    key = _template_key(module, args, inputs, outputs, state)
     template = _TEMPLATES.get(key)
     if template is None:
-        template = _fresh_export(module, args, inputs, outputs)
-        _TEMPLATES[key] = template
+        template = _shipped_template(key) or _fresh_export(module, args, inputs, outputs)
+        _TEMPLATES[key], _TEMPLATE_WEIGHTS[key] = template, frozenset(state)
     proto = onnx.ModelProto()
     proto.CopyFrom(template)
     for tensor in proto.graph.initializer:
@@ -100,7 +100,62 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str]
     return proto.SerializeToString(deterministic=True)
 
 
-_TEMPLATES: dict[tuple, onnx.ModelProto] = {}
+_TEMPLATES: dict[str, onnx.ModelProto] = {}
+_TEMPLATE_WEIGHTS: dict[str, frozenset[str]] = {}  # the state-dict names `_export` writes into each template
+# Graphs of the shipped architectures, exported ahead (`python -m shared.protocol.onnx_export --write-templates`),
+# without their weights: the server's first export of a job then needs no torch.export (seconds of importing
+# its compiler stack and tracing at every server start). tests/protocol/test_artifacts.py holds each to a
+# fresh export, byte for byte; a template is keyed by the torch version too, so another torch exports afresh.
+TEMPLATE_DIR = Path(__file__).parent / "onnx_templates"
+_use_shipped = True
+
+
+def _template_key(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str],
+                  state: Mapping[str, torch.Tensor]) -> str:
+    """A file-name-safe digest of what determines the exported graph (not the weights' values)."""
+    parts = (torch.__version__.split("+")[0], type(module).__qualname__, tuple(inputs), tuple(outputs),
+             tuple((str(a.dtype), tuple(a.shape)) for a in args),
+             tuple((k, str(v.dtype), tuple(v.shape)) for k, v in state.items()))
+    return f"{type(module).__qualname__.lower()}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}"
+
+
+def _shipped_template(key: str) -> onnx.ModelProto | None:
+    path = TEMPLATE_DIR / f"{key}.onnx"
+    if not _use_shipped or not path.is_file():
+        return None
+    import onnx
+
+    return onnx.load_from_string(path.read_bytes())
+
+
+def write_templates(directory: Path = TEMPLATE_DIR) -> list[Path]:
+    """Export the graphs of the shipped architectures (each model on 1 x 28 x 28 images of 10 classes: its
+    classifier and predictor; the default FedGen generator) and write them without their weights."""
+    global _use_shipped
+    from shared.algorithm.models import MODELS, build_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    _TEMPLATES.clear()
+    _use_shipped = False  # fresh exports only
+    try:
+        for name in MODELS:
+            model = build_model(name, (1, 28, 28), 10)
+            export_classifier_onnx(model, model.state_dict())
+            export_predictor_onnx(model, model.state_dict())
+        export_generator_onnx(Generator(10))
+    finally:
+        _use_shipped = True
+    for key, proto in _TEMPLATES.items():
+        bare = type(proto)()
+        bare.CopyFrom(proto)
+        for tensor in bare.graph.initializer:
+            if tensor.name in _TEMPLATE_WEIGHTS[key]:
+                tensor.ClearField("raw_data")  # written back by `_export`
+        path = directory / f"{key}.onnx"
+        path.write_bytes(bare.SerializeToString(deterministic=True))
+        written.append(path)
+    return written
 
 
 def _fresh_export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str],
@@ -173,3 +228,8 @@ def _strip_node(node: onnx.NodeProto) -> None:
             _strip_graph(attr.g)
         for sub in attr.graphs:
             _strip_graph(sub)
+
+
+if __name__ == "__main__":
+    for written_path in write_templates():
+        print(written_path)

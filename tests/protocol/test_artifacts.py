@@ -427,3 +427,47 @@ def test_small_onnx_files_that_would_allocate_a_lot_are_refused_before_they_run(
         with pytest.raises(ValidationError) as err:
             OnnxGenerator(data, noise_dim=32, latent_dim=32, num_classes=NUM_CLASSES, budget=budget)
         assert err.value.reason == "bad_onnx", name
+
+
+# ------------------------------------------------------------------------------------------------- shipped graphs
+def test_shipped_templates_are_current_and_export_byte_identically(tmp_path) -> None:
+    """The graphs shipped in shared/protocol/onnx_templates/ are what this torch exports now, and exporting
+    through them gives the bytes of a fresh export for other weights."""
+    from shared.protocol import onnx_export as artifacts
+
+    shipped = artifacts.TEMPLATE_DIR
+    written = artifacts.write_templates(tmp_path)
+    assert sorted(p.name for p in written) == sorted(p.name for p in shipped.glob("*.onnx"))
+    for path in written:
+        assert path.read_bytes() == (shipped / path.name).read_bytes(), f"{path.name}: regenerate the templates"
+    model, state = seeded_model("cnn", seed=7)
+    generator = seeded_generator(seed=7)
+
+    def exports() -> list[bytes]:
+        artifacts._TEMPLATES.clear()
+        return [artifacts.export_classifier_onnx(model, state), artifacts.export_predictor_onnx(model, state),
+                artifacts.export_generator_onnx(generator)]
+
+    through_shipped = exports()
+    artifacts._use_shipped = False
+    try:
+        assert exports() == through_shipped
+    finally:
+        artifacts._use_shipped = True
+        artifacts._TEMPLATES.clear()
+
+
+def test_first_exports_of_a_process_need_no_torch_export() -> None:
+    """With the shipped graphs a server's first export imports neither torch's exporter stack nor onnxscript."""
+    code = ("import sys\n"
+            "from shared.algorithm.models import Generator, build_model\n"
+            "from shared.protocol.onnx_export import export_classifier_onnx, export_generator_onnx, "
+            "export_predictor_onnx\n"
+            "m = build_model('cnn', (1, 28, 28), 10)\n"
+            "export_classifier_onnx(m, m.state_dict()); export_predictor_onnx(m, m.state_dict())\n"
+            "export_generator_onnx(Generator(10))\n"
+            "print(sorted(n for n in ('torch._dynamo', 'onnxscript', 'torch.onnx._internal.exporter') "
+            "if n in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -61,6 +61,17 @@ def test_the_wheel_carries_migrations_and_broker_configs(wheel_env: Path):
     assert wheel_env in broker.parents and broker.is_file()
 
 
+def test_the_wheel_carries_the_shipped_onnx_graphs(wheel_env: Path):
+    code = ("import json, shared.protocol.onnx_export as e; "
+            "print(json.dumps([str(e.TEMPLATE_DIR), sorted(p.name for p in e.TEMPLATE_DIR.glob('*.onnx'))]))")
+    out = subprocess.run([str(wheel_env / "bin" / "python"), "-c", code], check=True, capture_output=True,
+                         text=True, cwd="/", timeout=120).stdout
+    where, names = json.loads(out)
+    assert wheel_env in Path(where).parents
+    assert names == sorted(p.name for p in (REPO / "shared" / "protocol" / "onnx_templates").glob("*.onnx"))
+    assert len(names) == 4
+
+
 def test_fedgen_server_from_the_wheel_migrates_and_answers_health(wheel_env: Path, tmp_path: Path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGEN_")}
