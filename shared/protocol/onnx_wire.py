@@ -55,9 +55,11 @@ class WireTensor:
             values = np.frombuffer(self.raw, dtype=dtype)
         elif self.data_type == 1:
             values = np.concatenate([_floats(w, v) for n, w, v in self.typed if n == 4] or [np.zeros(0, "<f4")])
-        else:
+        elif dtype.kind in "iub":  # integers and booleans travel as varints (float16 bits too: not read here)
             values = np.asarray(_ints([(w, v) for n, w, v in self.typed if n in (5, 7)], limit=count),
                                 dtype=np.int64).astype(dtype)
+        else:
+            raise ValidationError("bad_onnx", f"{self.name}: {dtype} data must be raw_data here")
         if values.size != count:
             raise ValidationError("bad_onnx", f"{self.name}: its data does not fill shape {self.dims}")
         return values.reshape(self.dims).astype(dtype.newbyteorder("="), copy=True)
