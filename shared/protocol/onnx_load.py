@@ -222,9 +222,10 @@ class WeightsGenerator:
         noise, labels = np.asarray(noise, dtype=np.float32), np.asarray(labels)
         if noise.ndim != 2 or noise.shape[1] != self.noise_dim:
             raise ValueError(f"noise must have shape [N, {self.noise_dim}], got {tuple(noise.shape)}")
-        if labels.shape != (noise.shape[0],) or (labels.size and not (
+        if labels.shape != (noise.shape[0],) or labels.dtype.kind not in "iu" or (labels.size and not (
                 0 <= int(labels.min()) and int(labels.max()) < self.num_classes)):
-            raise ValueError(f"labels must have shape [{noise.shape[0]}] and lie in [0, {self.num_classes})")
+            raise ValueError(f"labels must be integers of shape [{noise.shape[0]}] that lie in "
+                             f"[0, {self.num_classes})")
         onehot = np.zeros((len(labels), self.num_classes), dtype=np.float32)
         onehot[np.arange(len(labels)), labels] = 1.0
         h = np.concatenate([noise, onehot], axis=1) @ self._w0.T + self._b0
