@@ -46,7 +46,7 @@ class AlgorithmConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     batch_size: BatchSize = 32  # B
     learning_rate: Rate = 0.01  # plain SGD, no momentum
     lr_decay: Decay = 0.99  # learning rate x lr_decay ** round
-    prox_mu: _float(0.0, 1e3) = 1.0  # FedProx proximal weight (the reference's lambda = 1)
+    prox_mu: _float(0.0, 1e3) = 0.01  # FedProx proximal weight, chosen on validation (bench/results/selection.md)
     # client, FedGen (Eq. 5)
     gen_batch_size: BatchSize = 32  # generated samples per local step
     generative_alpha: Weight = 10.0  # weight of CE(h(G(y_hat)), y_hat), x coefficient_decay ** round
