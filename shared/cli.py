@@ -50,7 +50,7 @@ def _partition_config(args: argparse.Namespace):
 
     return PartitionSpec(dataset=args.dataset, users=args.users, alpha=args.alpha,
                          samples_per_class=args.samples_per_class, min_samples=args.min_samples, seed=args.seed,
-                         validation=args.validation)
+                         validation=args.validation or msgspec.UNSET)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

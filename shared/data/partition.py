@@ -46,7 +46,9 @@ class PartitionSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     samples_per_class: Annotated[int, msgspec.Meta(ge=1, le=10**7)] | None | msgspec.UnsetType = msgspec.UNSET
     min_samples: Annotated[int, msgspec.Meta(ge=0, le=10**6)] = 10
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
-    validation: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.0  # fraction of each user's training images
+    # fraction of each user's training images held out as its validation split; unset (none) is left out of the
+    # encoded spec, so specs without one encode as before it existed
+    validation: Annotated[float, msgspec.Meta(ge=0, le=0.5)] | msgspec.UnsetType = msgspec.UNSET
 
     def resolve(self, dataset: str | None = None, seed: int | None = None) -> PartitionSpec:
         """The spec with dataset, seed and samples per class filled in (explicit values win)."""
@@ -115,7 +117,7 @@ def format_partition(spec: PartitionSpec, index: int | str | None = None) -> str
     parts.append(f"min={spec.min_samples}")
     if spec.seed is not None:
         parts.append(f"seed={spec.seed}")
-    if spec.validation:
+    if spec.validation is not msgspec.UNSET:
         parts.append(f"val={spec.validation:g}")
     return ":".join(parts)
 
@@ -230,11 +232,12 @@ def partition_indices(dataset: Dataset, spec: PartitionSpec
     num_classes = dataset.info.num_classes
     train_idx = dirichlet_split(dataset.train_y, num_classes, cfg, rng)
     test_idx = split_test_sets(dataset.test_y, [dataset.train_y[i] for i in train_idx], num_classes, rng)
-    if not 0 <= cfg.validation <= 0.5:
-        raise PartitionError(f"validation fraction {cfg.validation} outside 0..0.5")
-    if not cfg.validation:
+    fraction = 0.0 if cfg.validation is msgspec.UNSET else cfg.validation
+    if not 0 <= fraction <= 0.5:
+        raise PartitionError(f"validation fraction {fraction} outside 0..0.5")
+    if not fraction:
         return train_idx, test_idx, [None] * len(train_idx)
-    splits = [hold_out_validation(idx, cfg.validation, cfg.seed, k) for k, idx in enumerate(train_idx)]
+    splits = [hold_out_validation(idx, fraction, cfg.seed, k) for k, idx in enumerate(train_idx)]
     return [tr for tr, _ in splits], test_idx, [va for _, va in splits]
 
 
@@ -244,7 +247,8 @@ VALIDATION_STREAM = 0x5A11D  # the validation split's random stream, apart from 
 def hold_out_validation(train_idx: np.ndarray, fraction: float, seed: int, user: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) indices: a seeded random `fraction` of one user's training indices (rounded
-    down), drawn from a stream of its own per (seed, user); at least one image stays for training."""
+    down), drawn from a stream of its own per (seed, user); at least one image stays for training (so a user
+    may train on fewer than the partition's `min_samples`, and one of under 1/fraction images validates on none)."""
     rng = np.random.default_rng([seed, VALIDATION_STREAM, user])
     order = rng.permutation(len(train_idx))
     n_val = min(int(len(train_idx) * fraction), max(0, len(train_idx) - 1))

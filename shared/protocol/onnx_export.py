@@ -15,6 +15,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,18 +103,21 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str]
 
 _TEMPLATES: dict[str, onnx.ModelProto] = {}
 _TEMPLATE_WEIGHTS: dict[str, frozenset[str]] = {}  # the state-dict names `_export` writes into each template
-# Graphs of the shipped architectures, exported ahead (`python -m shared.protocol.onnx_export --write-templates`),
-# without their weights: the server's first export of a job then needs no torch.export (seconds of importing
-# its compiler stack and tracing at every server start). tests/protocol/test_artifacts.py holds each to a
-# fresh export, byte for byte; a template is keyed by the torch version too, so another torch exports afresh.
+# Graphs of the shipped architectures, exported ahead (`python -m shared.protocol.onnx_export` rewrites the
+# folder), without their weights: the server's first export of a job then needs no torch.export (seconds of
+# importing its compiler stack and tracing at every server start). tests/protocol/test_artifacts.py holds each to
+# a fresh export, byte for byte; a template is keyed by the torch, onnx and onnxscript versions too, so other
+# versions export afresh.
 TEMPLATE_DIR = Path(__file__).parent / "onnx_templates"
 _use_shipped = True
+# what a fresh export's bytes depend on besides the module (metadata only: importing onnxscript costs seconds)
+_EXPORTER_VERSIONS = (torch.__version__.split("+")[0], metadata.version("onnx"), metadata.version("onnxscript"))
 
 
 def _template_key(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str],
                   state: Mapping[str, torch.Tensor]) -> str:
     """A file-name-safe digest of what determines the exported graph (not the weights' values)."""
-    parts = (torch.__version__.split("+")[0], type(module).__qualname__, tuple(inputs), tuple(outputs),
+    parts = (*_EXPORTER_VERSIONS, type(module).__qualname__, tuple(inputs), tuple(outputs),
              tuple((str(a.dtype), tuple(a.shape)) for a in args),
              tuple((k, str(v.dtype), tuple(v.shape)) for k, v in state.items()))
     return f"{type(module).__qualname__.lower()}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}"
@@ -135,6 +139,8 @@ def write_templates(directory: Path = TEMPLATE_DIR) -> list[Path]:
     from shared.algorithm.models import MODELS, build_model
 
     directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.onnx"):
+        old.unlink()
     written = []
     _TEMPLATES.clear()
     _use_shipped = False  # fresh exports only

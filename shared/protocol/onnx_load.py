@@ -84,10 +84,18 @@ def state_from_onnx(blob: bytes, expected: Spec, max_bytes: int = DEFAULT_MAX_ON
     does not have, i.e. another architecture ('unexpected_tensor'). Pass only floating-point entries
     (e.g. `shared.algorithm.models.shared_keys`): integer buffers such as ``num_batches_tracked`` are not in the export.
     """
-    onnx_dtypes = {name: _onnx_dtype(dtype) for name, (_, dtype) in expected.items()}
+    return _state_from_model(read_model(blob, _weights_limit(expected, max_bytes)), expected, max_abs)
+
+
+def _weights_limit(expected: Spec, max_bytes: int) -> int:
+    """The file holds these weights and a graph: far more bytes than that is not this model (and costs parsing)."""
     weights = sum(_numel(shape) * np.dtype(dtype).itemsize for shape, dtype in expected.values())
-    # the file holds these weights and a graph: far more bytes than that is not this model (and costs parsing)
-    initializers = read_model(blob, min(max_bytes, 2 * weights + GRAPH_ALLOWANCE)).initializers
+    return min(max_bytes, 2 * weights + GRAPH_ALLOWANCE)
+
+
+def _state_from_model(model: WireModel, expected: Spec, max_abs: float) -> dict[str, np.ndarray]:
+    onnx_dtypes = {name: _onnx_dtype(dtype) for name, (_, dtype) in expected.items()}
+    initializers = model.initializers
     _check_names(initializers, expected)
     result: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in expected.items():
@@ -171,11 +179,12 @@ class WeightsGenerator:
     one-hot y) -> Gemm -> BatchNormalization (inference) -> Relu -> Gemm) in numpy, from the initializers of its
     published ONNX file, by the names and shapes the job's generator has.
 
-    The file must be that architecture: its initializers exactly the generator's eight tensors, its compute
-    operators exactly two Gemm (alpha = beta = 1, weights transposed), one BatchNormalization and one Relu, its
-    other operators only the one-hot encoding's (Constant, Cast, Unsqueeze, Range, Equal, Concat); anything
-    else is ValidationError('bad_onnx' or a tensor reason): a generator it cannot evaluate exactly is refused,
-    never guessed. The graph itself is not executed, so no file can make the device allocate more than the
+    The file must look like that architecture: its initializers exactly the generator's eight tensors, its
+    compute operators exactly two Gemm (alpha = beta = 1, weights transposed), one BatchNormalization
+    (inference) and one Relu, its other operators only the one-hot encoding's (Constant, Cast, Unsqueeze, Range,
+    Equal, Concat), and its latents for a test input finite; anything else is ValidationError ('bad_onnx' or a
+    tensor reason). How the nodes are wired is not checked: the device computes the architecture's function
+    from the weights. The graph itself is not executed, so no file can make the device allocate more than the
     generator's own weights and a batch's activations.
     """
 
@@ -188,16 +197,19 @@ class WeightsGenerator:
         spec = {"net.0.weight": ((hidden, noise_dim + num_classes), f32), "net.0.bias": ((hidden,), f32),
                 **{f"net.1.{k}": ((hidden,), f32) for k in ("weight", "bias", "running_mean", "running_var")},
                 "net.3.weight": ((latent_dim, hidden), f32), "net.3.bias": ((latent_dim,), f32)}
-        model = read_model(blob, max_bytes)
+        model = read_model(blob, _weights_limit(spec, max_bytes))
         extra = sorted(set(model.initializers) - set(spec))
         if extra:
             raise ValidationError("unexpected_tensor", f"the generator holds tensors it should not: {extra[:5]}")
         self.epsilon = self._check_graph(model)
-        w = state_from_onnx(blob, spec, max_bytes=max_bytes, max_abs=max_abs)
+        w = _state_from_model(model, spec, max_abs)
         if (w["net.1.running_var"] < 0).any():
             raise ValidationError("bad_onnx", "the generator's BatchNorm has a negative running variance")
         self._w0, self._b0, self._w3, self._b3 = w["net.0.weight"], w["net.0.bias"], w["net.3.weight"], w["net.3.bias"]
         self._bn = (w["net.1.running_mean"], w["net.1.running_var"], w["net.1.weight"], w["net.1.bias"])
+        z = self(np.full((3, noise_dim), 0.5, dtype=np.float32), np.arange(3) % num_classes)
+        if not np.isfinite(z).all():
+            raise ValidationError("bad_onnx", "the generator's weights give non-finite latents")
 
     @classmethod
     def _check_graph(cls, model: WireModel) -> float:
@@ -214,7 +226,7 @@ class WeightsGenerator:
                 raise ValidationError("bad_onnx", f"a Gemm with attributes {a} is not the generator's Linear")
         norm = next(n for n in compute if n.op_type == "BatchNormalization").attributes
         epsilon = norm.get("epsilon", 1e-5)
-        if not 0 < epsilon < 1 or norm.get("training_mode", 0) != 0:
+        if not 1e-12 <= epsilon < 1 or norm.get("training_mode", 0) != 0:
             raise ValidationError("bad_onnx", f"BatchNormalization epsilon {epsilon}")
         return float(epsilon)
 

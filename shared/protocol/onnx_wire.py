@@ -23,6 +23,19 @@ from shared.protocol.errors import ValidationError
 
 MAX_DEPTH = 8  # graphs inside node attributes inside graphs ...
 MAX_RANK = 64
+MAX_OBJECTS = 100_000  # nodes, names, attributes, tensors and typed entries one file may make the reader build
+
+
+class _Budget:
+    """Counts what the reader builds, so that a small file of tiny fields cannot cost a device 100x its size."""
+
+    def __init__(self, limit: int = MAX_OBJECTS):
+        self.left = limit
+
+    def take(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise ValidationError("bad_onnx", f"more than {MAX_OBJECTS} nodes, names and tensors")
 
 # TensorProto.DataType -> numpy little-endian dtype, for the types a device reads
 DATA_TYPES = {1: "<f4", 2: "u1", 3: "i1", 5: "<i2", 6: "<i4", 7: "<i8", 9: "?", 10: "<f2", 11: "<f8"}
@@ -46,8 +59,8 @@ class WireTensor:
         fill its shape or the type is not one a device reads."""
         if self.data_type not in DATA_TYPES:
             raise ValidationError("bad_onnx", f"{self.name}: unsupported ONNX data type {self.data_type}")
-        if any(d < 0 for d in self.dims):
-            raise ValidationError("bad_onnx", f"{self.name}: negative dimension in {self.dims}")
+        if any(not 0 <= d <= 2**31 for d in self.dims):
+            raise ValidationError("bad_onnx", f"{self.name}: a dimension outside 0..2^31 in {self.dims}")
         dtype, count = np.dtype(DATA_TYPES[self.data_type]), math.prod(self.dims)
         if self.raw is not None:
             if len(self.raw) != count * dtype.itemsize:
@@ -89,57 +102,60 @@ def read_model(blob: bytes, max_bytes: int) -> WireModel:
     the sender)."""
     if len(blob) > max_bytes:
         raise ValidationError("too_large", f"ONNX model of {len(blob)} bytes exceeds {max_bytes}")
-    model, graphs = WireModel(), 0
+    model, graphs, budget = WireModel(), 0, _Budget()
     for number, wire, value in _fields(memoryview(blob)):
         if number == 7 and wire == _WIRE_LEN:  # graph
             graphs += 1
-            _read_graph(value, model, depth=1)
+            _read_graph(value, model, 1, budget)
         elif number == 25 and wire == _WIRE_LEN:  # functions: nodes (field 7) may carry tensors too
             model.functions += 1
             for n, w, v in _fields(value):
                 if n == 7 and w == _WIRE_LEN:
-                    _read_node(v, depth=1)
+                    _read_node(v, 1, budget)
         elif number == 20 and wire == _WIRE_LEN:  # training_info: initialization / algorithm graphs
             for n, w, v in _fields(value):
                 if n in (1, 2) and w == _WIRE_LEN:
-                    _read_graph(v, WireModel(), depth=1)
+                    _read_graph(v, WireModel(), 1, budget)
     if graphs != 1:
         raise ValidationError("bad_onnx", f"an ONNX model has one graph, this one has {graphs}")
     return model
 
 
-def _read_graph(buf: memoryview, into: WireModel, depth: int) -> None:
+def _read_graph(buf: memoryview, into: WireModel, depth: int, budget: _Budget) -> None:
     if depth > MAX_DEPTH:
         raise ValidationError("bad_onnx", f"graphs nested deeper than {MAX_DEPTH}")
     for number, wire, value in _fields(buf):
         if wire != _WIRE_LEN:
             continue
         if number == 1:
-            into.nodes.append(_read_node(value, depth))
+            into.nodes.append(_read_node(value, depth, budget))
         elif number == 5:
-            tensor = _read_tensor(value)
+            tensor = _read_tensor(value, budget)
             if tensor.name in into.initializers:
                 raise ValidationError("bad_onnx", f"initializer {tensor.name!r} appears twice")
             into.initializers[tensor.name] = tensor
         elif number == 15:
-            _read_sparse(value)
+            _read_sparse(value, budget)
 
 
-def _read_node(buf: memoryview, depth: int) -> WireNode:
+def _read_node(buf: memoryview, depth: int, budget: _Budget) -> WireNode:
+    budget.take()
     node = WireNode()
     for number, wire, value in _fields(buf):
         if number == 1 and wire == _WIRE_LEN:
+            budget.take()
             node.inputs.append(_text(value))
         elif number == 4 and wire == _WIRE_LEN:
             node.op_type = _text(value)
         elif number == 7 and wire == _WIRE_LEN:
             node.domain = _text(value)
         elif number == 5 and wire == _WIRE_LEN:
-            _read_attribute(value, node, depth)
+            _read_attribute(value, node, depth, budget)
     return node
 
 
-def _read_attribute(buf: memoryview, node: WireNode, depth: int) -> None:
+def _read_attribute(buf: memoryview, node: WireNode, depth: int, budget: _Budget) -> None:
+    budget.take()
     name, scalar = "", None
     for number, wire, value in _fields(buf):
         if number == 1 and wire == _WIRE_LEN:
@@ -149,23 +165,24 @@ def _read_attribute(buf: memoryview, node: WireNode, depth: int) -> None:
         elif number == 3 and wire == _WIRE_VARINT:
             scalar = _signed(value)
         elif number in (5, 10) and wire == _WIRE_LEN:  # t, tensors
-            _read_tensor(value)
+            _read_tensor(value, budget)
         elif number in (22, 23) and wire == _WIRE_LEN:  # sparse_tensor(s)
-            _read_sparse(value)
+            _read_sparse(value, budget)
         elif number in (6, 11) and wire == _WIRE_LEN:  # g, graphs
             node.has_subgraph = True
-            _read_graph(value, WireModel(), depth + 1)
+            _read_graph(value, WireModel(), depth + 1, budget)
     if scalar is not None:
         node.attributes[name] = scalar
 
 
-def _read_sparse(buf: memoryview) -> None:
+def _read_sparse(buf: memoryview, budget: _Budget) -> None:
     for number, wire, value in _fields(buf):
         if number in (1, 2) and wire == _WIRE_LEN:
-            _read_tensor(value)
+            _read_tensor(value, budget)
 
 
-def _read_tensor(buf: memoryview) -> WireTensor:
+def _read_tensor(buf: memoryview, budget: _Budget) -> WireTensor:
+    budget.take()
     t = WireTensor()
     for number, wire, value in _fields(buf):
         if number == 1:
@@ -179,6 +196,7 @@ def _read_tensor(buf: memoryview) -> WireTensor:
         elif number == 9 and wire == _WIRE_LEN:
             t.raw = value
         elif number in (4, 5, 7):  # float_data, int32_data, int64_data
+            budget.take()
             t.typed.append((number, wire, value))
         elif number == 13 or (number == 14 and wire == _WIRE_VARINT and value == 1):  # external_data / EXTERNAL
             raise ValidationError("bad_onnx", "ONNX models with external data are refused")

@@ -121,3 +121,9 @@ def test_validation_split_is_held_out_of_training_and_leaves_the_rest_unchanged(
         partition_indices(subset, PartitionSpec(users=8, alpha=0.1, samples_per_class=300, validation=0.9))
     with pytest.raises(ValueError, match="val="):
         parse_partition("mnist-subset:alpha=0.1:users=4:index=0:val=abc")
+
+
+def test_a_spec_without_validation_encodes_as_before():
+    """Devices and servers of before the validation split decode the specs of today (forbid_unknown_fields)."""
+    assert "validation" not in msgspec.to_builtins(PartitionSpec(users=4))
+    assert msgspec.to_builtins(PartitionSpec(users=4, validation=0.1))["validation"] == 0.1

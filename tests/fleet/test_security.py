@@ -525,6 +525,9 @@ ALLOWED_CALLS = {
     ("shared/protocol/onnx_load.py", "onnx.load_from_string"):
         "parse_onnx: bytes (never a path) under a size limit; models with external data are refused, so no "
         "file named by the sender is opened; ONNX is protobuf data, not code",
+    ("shared/protocol/onnx_export.py", "onnx.load_from_string"):
+        "the server's own graph templates, files shipped in the package (shared/protocol/onnx_templates), never "
+        "received bytes",
     ("shared/protocol/onnx_load.py", "ort.InferenceSession"):
         "the FedGen generator: an ONNX graph of standard operators run by onnxruntime from bytes (no custom-op "
         "library is registered; parse_onnx refused external data first)",

@@ -227,3 +227,43 @@ def test_files_far_larger_than_their_weights_and_integer_bombs_are_refused(class
     parsed = read_model(helper.make_model(helper.make_graph([], "g", [], [], [bomb])).SerializeToString(), LIMIT)
     with pytest.raises(ValidationError, match="more than 2 integers"):
         parsed.initializers["w"].to_array()
+
+
+def test_a_file_of_tiny_fields_is_refused_before_it_costs_memory() -> None:
+    """2 MB of empty nodes (2 bytes each, a million of them) is refused once the reader has built its budget of
+    objects, holding a few MB, not the ~250 MB a million node objects would take."""
+    import tracemalloc
+
+    graph = b"\x0a\x00" * 1_000_000  # GraphProto.node, empty
+    blob = b"\x3a" + _varint(len(graph)) + graph  # ModelProto.graph
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValidationError, match="more than"):
+            read_model(blob, LIMIT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, peak
+
+
+def test_unpacked_repeated_fields_and_packed_dims() -> None:
+    """Encodings onnx's own writer never produces but a sender may: dims packed, float_data and int64_data as
+    one field per element (fixed32 / varint)."""
+    floats = b"".join(b"\x25" + np.float32(v).tobytes() for v in (1.5, -2.0))  # field 4, wire type 5
+    name = b"\x42\x01f"
+    tensor = b"\x0a\x01\x02" + b"\x10\x01" + floats + name  # dims packed [2], data_type FLOAT
+    ints = b"\x38\x05" + b"\x38" + _varint((1 << 64) - 3) + b"\x42\x01i"  # int64_data 5, -3 (two's complement)
+    itensor = b"\x08\x02" + b"\x10\x07" + ints  # dims [2] unpacked, INT64
+    graph = b"\x2a" + _varint(len(tensor)) + tensor + b"\x2a" + _varint(len(itensor)) + itensor
+    model = read_model(b"\x3a" + _varint(len(graph)) + graph, LIMIT)
+    assert model.initializers["f"].to_array().tolist() == [1.5, -2.0]
+    assert model.initializers["i"].to_array().tolist() == [5, -3]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
