@@ -92,15 +92,15 @@ def top_k_mean(values: list[float], k: int = 5) -> float:
 
 
 def evaluate_round(state: GlobalState, users: list[UserData], own_states: dict[int, dict],
-                   pooled_test: tuple[np.ndarray, np.ndarray], split: str = "test") -> EvalResult:
+                   pooled: tuple[np.ndarray, np.ndarray], split: str = "test") -> EvalResult:
     """Accuracy as docs/algorithm.md defines it: sum correct / sum tested over every user's test split.
 
     Full sharing: the global model (one model, so the users' splits are pooled). Partial sharing: each user's
-    own model, its theta^f with the global theta^p. `split` "val": the same on the validation splits (then
-    `pooled_test` holds the pooled validation splits).
+    own model, its theta^f with the global theta^p. `pooled`: every user's `split` ("test" or "val")
+    concatenated.
     """
     if not state.cfg.partial:
-        return evaluate(state.model, state.state, *pooled_test)
+        return evaluate(state.model, state.state, *pooled)
     total = EvalResult(0, 0, 0.0)
     for user in users:
         x, y = (user.test_x, user.test_y) if split == "test" else (user.val_x, user.val_y)

@@ -111,7 +111,14 @@ _TEMPLATE_WEIGHTS: dict[str, frozenset[str]] = {}  # the state-dict names `_expo
 TEMPLATE_DIR = Path(__file__).parent / "onnx_templates"
 _use_shipped = True
 # what a fresh export's bytes depend on besides the module (metadata only: importing onnxscript costs seconds)
-_EXPORTER_VERSIONS = (torch.__version__.split("+")[0], metadata.version("onnx"), metadata.version("onnxscript"))
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # then a fresh export fails with the exporter's own message
+        return "absent"
+
+
+_EXPORTER_VERSIONS = (torch.__version__.split("+")[0], _version("onnx"), _version("onnxscript"))
 
 
 def _template_key(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str],
