@@ -13,11 +13,14 @@ blocking, torch's vectorised reductions, numpy's pairwise sums), so they agree t
   gradient that is exactly 0 in exact arithmetic (the batch mean removes it), so both sides give pure round-off
   (up to ~2e-6 S); those two entries are compared with an absolute ZERO_ATOL = 5e-5 S instead.
 * Whole update (`test_local_update_matches_torch_runtime`, T = 20 SGD steps of B = 32): each float entry of the
-  trained state within STATE_ATOL = 5e-6 absolute (entries are of size 0.01..1.5; observed differences after
-  20 steps <= 1.2e-7: the per-step gradient differences are multiplied by lr ~ 0.01 and then propagate through
-  the later steps), train_loss within 1e-5 relative (observed ~5e-8), integers (label counts,
-  num_batches_tracked) exactly. The margin (>40x) is for other BLAS builds. A wrong or missing term moves the
-  weights by > 1e-3 (`test_the_terms_matter` checks FedProx with mu = 1 and FedGen), far above STATE_ATOL.
+  trained state within STATE_ATOL = 5e-5 absolute (entries are of size 0.01..1.5), train_loss within 1e-5
+  relative (observed ~3e-7), integers (label counts, num_batches_tracked) exactly. Observed differences after
+  20 steps: <= 1.2e-7 on this project's development machine, but 7.3e-6 on one entry of the first convolution's
+  weight on the CI machine (another CPU, so other BLAS / oneDNN kernels): that weight's gradient is the
+  cancelling sum above, and the per-step differences (x lr ~ 0.01) propagate through the later steps. The
+  tolerance is ~7x the worst difference seen on any machine. A wrong or missing term moves the weights by
+  > 1e-3 (`test_the_terms_matter` checks FedProx with mu = 1, which moves them 3.8e-3, and FedGen, 0.1), so
+  still 20x above STATE_ATOL.
 * Evaluation: the same state evaluated by both runtimes gives exactly the same number of correct predictions
   and the summed cross-entropy within 1e-5 relative.
 """
@@ -48,7 +51,7 @@ from shared.data.datasets import load_dataset
 from shared.data.partition import PartitionSpec, UserData, partition
 
 LOSS_RTOL, GRAD_RTOL, GRAD_ATOL, ZERO_ATOL = 1e-5, 1e-4, 2e-6, 5e-5
-STATE_ATOL, TRAIN_LOSS_RTOL, EVAL_LOSS_RTOL = 5e-6, 1e-5, 1e-5
+STATE_ATOL, TRAIN_LOSS_RTOL, EVAL_LOSS_RTOL = 5e-5, 1e-5, 1e-5
 BIAS_BEFORE_BATCHNORM = {"features.0.bias", "features.3.bias"}  # the cnn's; their CE / KL gradient is 0
 ROUND = 3  # FedGen's terms are on from round 1; lr = 0.01 * 0.99 ** 3
 MODELS = ("cnn", "mlp")
@@ -310,7 +313,7 @@ def test_the_terms_matter(users: list[UserData]) -> None:
     for algorithm in ("fedprox", "fedgen"):
         moved = max(float(np.abs(lite[algorithm][k] - lite["fedavg"][k]).max()) for k in lite["fedavg"]
                     if lite["fedavg"][k].dtype == np.float32)
-        assert moved > 100 * STATE_ATOL, (algorithm, moved)
+        assert moved > 20 * STATE_ATOL, (algorithm, moved)
 
 
 def test_evaluate_in_chunks(users: list[UserData]) -> None:
