@@ -30,6 +30,17 @@ def samples_per_class_arg(text: str) -> int | None:
     return value
 
 
+def models_arg(text: str) -> tuple[str, ...]:
+    """``--models cnn,cnn-small,mlp``: distinct names of shipped models."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a model is named twice in {text!r}")
+    return names
+
+
 def _add_partition_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or the shipped mnist-subset")
     p.add_argument("--data-dir", default=None, help=f"folder holding <dataset>/ IDX files (default: ${DATA_DIR_ENV})")
@@ -61,7 +72,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    algo = AlgorithmConfig.from_dict({"algorithm": args.algorithm, "partial": args.partial, "model": args.model,
+    models = {"model": args.models[0], "models": list(args.models)} if args.models else {"model": args.model}
+    algo = AlgorithmConfig.from_dict({"algorithm": args.algorithm, "partial": args.partial, **models,
                                       "local_steps": args.local_steps, "batch_size": args.batch_size,
                                       "learning_rate": args.learning_rate})
     cfg = SimulationConfig(dataset=args.dataset, data_dir=args.data_dir, rounds=args.rounds, active=args.active,
@@ -122,6 +134,9 @@ def add_library_commands(sub: argparse._SubParsersAction) -> None:
     _add_partition_args(sim)
     sim.add_argument("--algorithm", choices=ALGORITHMS, default="fedgen")
     sim.add_argument("--model", choices=MODELS, default="cnn")
+    sim.add_argument("--models", type=models_arg, default=None, metavar="NAME,NAME,...",
+                     help=f"devices with different models (needs --partial): users run these round-robin, user 0 "
+                          f"the first ({', '.join(MODELS)}); overrides --model")
     sim.add_argument("--active", type=int, default=10, help="clients selected per round")
     sim.add_argument("--rounds", type=int, default=200)
     sim.add_argument("--local-steps", type=int, default=20, help="T mini-batch steps per round")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from shared.algorithm.aggregate import select_clients
 from shared.algorithm.config import AlgorithmConfig
-from shared.algorithm.federation import GlobalState, RoundAccumulator, client_start_state
+from shared.algorithm.federation import GlobalState, RoundAccumulator, client_start_state, model_of_user
 from shared.algorithm.local import EvalResult, evaluate, local_update
 from shared.algorithm.schedule import round_seed
 from shared.data.datasets import load_dataset
@@ -102,13 +102,33 @@ def evaluate_round(state: GlobalState, users: list[UserData], own_states: dict[i
     if not state.cfg.partial:
         return evaluate(state.model, state.state, *pooled)
     total = EvalResult(0, 0, 0.0)
+    for result in evaluate_users(state, users, own_states, split).values():
+        total = total + result
+    return total
+
+
+def evaluate_users(state: GlobalState, users: list[UserData], own_states: dict[int, dict],
+                   split: str = "test") -> dict[int, EvalResult]:
+    """Partial sharing: each user's own model (its model, its theta^f, the global theta^p) on its `split`."""
+    results = {}
     for user in users:
         x, y = (user.test_x, user.test_y) if split == "test" else (user.val_x, user.val_y)
         if not len(y):
             continue
-        model_state = client_start_state(state.state, own_states.get(user.user), partial=True)
-        total = total + evaluate(state.model, model_state, x, y)
-    return total
+        name = model_of_user(state.cfg, user.user)
+        model_state = client_start_state(state.model_state(name), own_states.get(user.user), partial=True)
+        results[user.user] = evaluate(state.models[name], model_state, x, y)
+    return results
+
+
+def accuracy_by_model(cfg: AlgorithmConfig, per_user: dict[int, EvalResult]) -> dict[str, float]:
+    """Heterogeneous devices: the accuracy of each model's users (sum correct / sum tested), from
+    `evaluate_users`."""
+    totals: dict[str, EvalResult] = {}
+    for user, result in per_user.items():
+        name = model_of_user(cfg, user)
+        totals[name] = totals.get(name, EvalResult(0, 0, 0.0)) + result
+    return {name: totals[name].accuracy for name in cfg.allowed_models if name in totals}
 
 
 def _pooled(users: list[UserData], split: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -141,9 +161,9 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
         sampler, prior = state.sampler(), state.prior.probabilities()
         acc, bytes_up, train_losses = RoundAccumulator(cfg.aggregation, cfg.trim_ratio), 0, []
         for k in selected:
-            user = users[k]
-            start = client_start_state(state.state, own_states.get(k), algo.partial)
-            result = local_update(state.model, start, user.train_x, user.train_y, algo, r,
+            user, name = users[k], model_of_user(algo, k)
+            start = client_start_state(state.model_state(name), own_states.get(k), algo.partial)
+            result = local_update(state.models[name], start, user.train_x, user.train_y, algo, r,
                                   round_seed(cfg.seed, r, k), sampler, prior)
             if algo.partial:
                 own_states[k] = result.state
@@ -155,10 +175,16 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
             bytes_up += len(encode_tensors(result.upload))
             train_losses.append(result.train_loss)
         gen_stats = state.close_round(acc, r)
-        ev = evaluate_round(state, users, own_states, pooled_test)
+        if len(algo.allowed_models) > 1:
+            per_user = evaluate_users(state, users, own_states)
+            ev = sum(per_user.values(), EvalResult(0, 0, 0.0))
+        else:
+            ev = evaluate_round(state, users, own_states, pooled_test)
         record = {"round": r, "accuracy": ev.accuracy, "loss": ev.loss_sum / max(1, ev.count),
                   "bytes_up": bytes_up, "bytes_down": bytes_down, "train_loss": float(np.mean(train_losses)),
                   "selected": [int(k) for k in selected]}
+        if len(algo.allowed_models) > 1:
+            record["accuracy_by_model"] = accuracy_by_model(algo, per_user)
         if pooled_val is not None:  # the split decisions are made on (docs/algorithm.md)
             record["val_accuracy"] = evaluate_round(state, users, own_states, pooled_val, "val").accuracy
         if gen_stats is not None:
@@ -175,6 +201,11 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
         "seconds": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
     }
+    if rounds and "accuracy_by_model" in rounds[-1]:
+        run["final_accuracy_by_model"] = rounds[-1]["accuracy_by_model"]
+    if algo.partial and rounds:  # each user's own model after the last round: [correct, tested]
+        run["final_user_results"] = {str(u): [res.correct, res.count]
+                                     for u, res in evaluate_users(state, users, own_states).items()}
     if pooled_val is not None:
         val = [r["val_accuracy"] for r in rounds]
         run["final_val_accuracy"] = val[-1] if val else math.nan

@@ -1,4 +1,5 @@
-"""The shipped classifiers (`shared.algorithm.models`: ``cnn`` and ``mlp``) as numpy layer lists.
+"""The shipped classifiers (`shared.algorithm.models`: ``cnn``, ``cnn-small``, ``cnn-wide``, ``mlp``) as numpy
+layer lists.
 
 A `LiteModel` holds only the architecture; weights live in a state dict keyed exactly as torch's
 ``state_dict()`` (``features.0.weight``, ``features.1.running_mean``, ``features.1.num_batches_tracked``,
@@ -18,6 +19,8 @@ from edge_client.lite import layers as L
 
 LATENT_DIM = 32  # shared.algorithm.models.LATENT_DIM (not imported: that module needs torch)
 MLP_HIDDEN = 200
+CNN_CHANNELS = {"cnn": (6, 16), "cnn-small": (4, 8), "cnn-wide": (16, 32)}  # shared.algorithm.models's
+LITE_MODELS = (*CNN_CHANNELS, "mlp")
 PREDICTOR = "predictor"
 Entries = dict[str, tuple[tuple[int, ...], np.dtype]]
 State = dict[str, np.ndarray]
@@ -228,24 +231,25 @@ class LiteModel:
 
 
 def build_model(name: str, image_shape: tuple[int, int, int], num_classes: int) -> LiteModel:
-    """The lite twin of `shared.algorithm.models.build_model` ('cnn' or 'mlp'); ValueError for anything else."""
+    """The lite twin of `shared.algorithm.models.build_model` (`LITE_MODELS`); ValueError for anything else."""
     sizes = (*tuple(image_shape), num_classes)
     if len(sizes) != 4 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in sizes):
         raise ValueError(f"the lite runtime needs an image shape of 3 positive sizes (C, H, W) and a positive "
                          f"number of classes, got {tuple(image_shape)} and {num_classes}")
     c, h, w, classes = (int(v) for v in sizes)
     predictor = Linear(PREDICTOR, LATENT_DIM, classes)
-    if name == "cnn":  # reference_cnn: two 3x3 convolutions with stride 2 and padding 1
+    if name in CNN_CHANNELS:  # shared.algorithm.models.cnn: two 3x3 convolutions with stride 2 and padding 1
 
         def out(size: int) -> int:
             return L.conv_output_size(L.conv_output_size(size, 3, 2, 1), 3, 2, 1)
 
-        features = (Conv2d("features.0", c, 6, 3, 2, 1), BatchNorm2d("features.1", 6), ReLU(),
-                    Conv2d("features.3", 6, 16, 3, 2, 1), BatchNorm2d("features.4", 16), ReLU(), Flatten(),
-                    Linear("features.7", 16 * out(h) * out(w), LATENT_DIM))
+        first, second = CNN_CHANNELS[name]
+        features = (Conv2d("features.0", c, first, 3, 2, 1), BatchNorm2d("features.1", first), ReLU(),
+                    Conv2d("features.3", first, second, 3, 2, 1), BatchNorm2d("features.4", second), ReLU(),
+                    Flatten(), Linear("features.7", second * out(h) * out(w), LATENT_DIM))
     elif name == "mlp":
         features = (Flatten(), Linear("features.1", c * h * w, MLP_HIDDEN), ReLU(),
                     Linear("features.3", MLP_HIDDEN, LATENT_DIM))
     else:
-        raise ValueError(f"the lite runtime cannot run model {name!r}; it runs: cnn, mlp")
+        raise ValueError(f"the lite runtime cannot run model {name!r}; it runs: {', '.join(LITE_MODELS)}")
     return LiteModel(name, (c, h, w), classes, features, predictor)

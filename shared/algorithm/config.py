@@ -14,10 +14,11 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 
 AlgorithmName = Literal["fedavg", "fedprox", "fedgen"]
-ModelName = Literal["cnn", "mlp"]
+ModelName = Literal["cnn", "cnn-small", "cnn-wide", "mlp"]
 AggregationName = Literal["mean", "median", "trimmed_mean"]
 ALGORITHMS: tuple[str, ...] = get_args(AlgorithmName)
 MODELS: tuple[str, ...] = get_args(ModelName)
+DEFAULT_MODEL = "cnn"
 AGGREGATIONS: tuple[str, ...] = get_args(AggregationName)
 
 
@@ -40,7 +41,10 @@ class AlgorithmConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     algorithm: AlgorithmName = "fedgen"
     partial: bool = False  # share only theta^p; theta^f stays on the device
-    model: ModelName = "cnn"
+    model: ModelName = "cnn"  # the devices' default model (with `models`: their first, unless this names another)
+    # heterogeneous devices (partial sharing only): every model a device may choose; they share one latent
+    # space, theta^p and the generator. Unset: every device runs `model` (and the manifest is as before).
+    models: tuple[ModelName, ...] | msgspec.UnsetType = msgspec.UNSET
     # client, all algorithms
     local_steps: _int(1, 10_000) = 20  # T mini-batch steps per round (not epochs)
     batch_size: BatchSize = 32  # B
@@ -66,6 +70,26 @@ class AlgorithmConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     label_smoothing: _float(0.0, 1e6) = 0.0
     noise_dim: _int(1, 1024) = 32
     generator_hidden: _int(1, 4096) = 256
+
+    def __post_init__(self) -> None:
+        if self.models is msgspec.UNSET:
+            return
+        if not self.models or len(set(self.models)) != len(self.models):
+            raise ValueError(f"models must list distinct model names, got {list(self.models)}")
+        if self.model not in self.models and self.model != DEFAULT_MODEL:
+            raise ValueError(f"model {self.model!r} is not one of models {list(self.models)}")
+        if self.model == DEFAULT_MODEL:  # model not named (or named as the default): the first of models
+            msgspec.structs.force_setattr(self, "model", self.models[0])
+        if len(self.models) > 1 and not self.partial:
+            raise ValueError("devices with different models share only theta^p: a job with several models "
+                             "needs partial = true")
+
+    @property
+    def allowed_models(self) -> tuple[str, ...]:
+        """The models a device of this job may run (`model` first)."""
+        if self.models is msgspec.UNSET:
+            return (self.model,)
+        return (self.model, *(m for m in self.models if m != self.model))
 
     @property
     def uses_generator(self) -> bool:

@@ -88,9 +88,16 @@ class GlobalState:
     def __init__(self, cfg: AlgorithmConfig, image_shape: tuple[int, int, int], num_classes: int, seed: int):
         self.cfg = cfg
         self.num_classes = num_classes
-        self.model: SplitClassifier = build_model(cfg.model, image_shape, num_classes,
-                                                  torch.Generator().manual_seed(derive_seed(seed, "model-init")))
-        self.state = clone_state(self.model.state_dict())
+        self.models: dict[str, SplitClassifier] = {
+            name: build_model(name, image_shape, num_classes, torch.Generator().manual_seed(
+                derive_seed(seed, "model-init") if name == cfg.model else derive_seed(seed, "model-init", name)))
+            for name in cfg.allowed_models}
+        self.model: SplitClassifier = self.models[cfg.model]
+        self.state = clone_state(self.model.state_dict())  # cfg.model's; theta^p is every model's
+        # the other models' initial theta^f (partial sharing: they never change on the server)
+        self.initial_features = {name: {k: v for k, v in clone_state(m.state_dict()).items()
+                                        if not is_predictor_key(k)}
+                                 for name, m in self.models.items() if name != cfg.model}
         self.prior = LabelPrior(num_classes)
         self.generator = None
         self.generator_optimizer = None
@@ -108,6 +115,15 @@ class GlobalState:
     def shared_state(self) -> dict[str, torch.Tensor]:
         """What a client downloads of the model: all float entries, or theta^p only in partial mode."""
         return {k: self.state[k] for k in self.shared_keys}
+
+    def model_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The global state as a device running model `name` starts from: `state` for the job's default model;
+        for another, its initial theta^f with the global theta^p."""
+        if name == self.cfg.model:
+            return self.state
+        if name not in self.initial_features:
+            raise ValueError(f"model {name!r} is not one of this job's models {list(self.cfg.allowed_models)}")
+        return {**self.initial_features[name], **{k: v for k, v in self.state.items() if is_predictor_key(k)}}
 
     def close_round(self, acc: RoundAccumulator, round_idx: int) -> GeneratorStats | None:
         """Replace the shared entries by the aggregate, update p_hat(y), and (FedGen) train the generator.
@@ -152,6 +168,12 @@ class GlobalState:
                 return generator(torch.from_numpy(noise), torch.from_numpy(labels)).numpy()
 
         return sample
+
+
+def model_of_user(cfg: AlgorithmConfig, user: int) -> str:
+    """The model simulated user `user` runs: the job's models assigned round-robin (user 0 the first)."""
+    models = cfg.allowed_models
+    return models[user % len(models)]
 
 
 def client_start_state(global_state: Mapping[str, torch.Tensor], own_state: Mapping[str, torch.Tensor] | None,

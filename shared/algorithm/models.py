@@ -16,7 +16,8 @@ from torch import nn
 from shared.algorithm.config import MODELS as MODEL_NAMES
 
 PREDICTOR_PREFIX = "predictor."
-LATENT_DIM = 32
+LATENT_DIM = 32  # one latent space for every model: devices with different models share theta^p and G
+CNN_CHANNELS = {"cnn": (6, 16), "cnn-small": (4, 8), "cnn-wide": (16, 32)}  # edge_client.lite.model has a copy
 
 
 class SplitClassifier(nn.Module):
@@ -35,23 +36,44 @@ class SplitClassifier(nn.Module):
         return self.predictor(self.features(x))
 
 
-def reference_cnn(in_channels: int, image_hw: tuple[int, int], num_classes: int,
-                  latent_dim: int = LATENT_DIM) -> SplitClassifier:
-    """The reference code's MNIST CNN (26,434 parameters for 1x28x28 input and 10 classes)."""
+def cnn(in_channels: int, image_hw: tuple[int, int], num_classes: int, latent_dim: int = LATENT_DIM,
+        channels: tuple[int, int] = (6, 16)) -> SplitClassifier:
+    """Two stride-2 3x3 convolutions (padding 1) with BatchNorm and ReLU, then a linear map to the latent space.
+    The default channels (6, 16) are the reference code's MNIST CNN (26,434 parameters for 1x28x28 input and
+    10 classes); `cnn_small` and `cnn_wide` are the same network narrower and wider."""
     h, w = image_hw
     for _ in range(2):  # two stride-2 convolutions with padding 1
         h, w = (h + 1) // 2, (w + 1) // 2
+    first, second = channels
     features = nn.Sequential(
-        nn.Conv2d(in_channels, 6, kernel_size=3, stride=2, padding=1),
-        nn.BatchNorm2d(6),
+        nn.Conv2d(in_channels, first, kernel_size=3, stride=2, padding=1),
+        nn.BatchNorm2d(first),
         nn.ReLU(),
-        nn.Conv2d(6, 16, kernel_size=3, stride=2, padding=1),
-        nn.BatchNorm2d(16),
+        nn.Conv2d(first, second, kernel_size=3, stride=2, padding=1),
+        nn.BatchNorm2d(second),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(16 * h * w, latent_dim),
+        nn.Linear(second * h * w, latent_dim),
     )
     return SplitClassifier(features, latent_dim, num_classes)
+
+
+def reference_cnn(in_channels: int, image_hw: tuple[int, int], num_classes: int,
+                  latent_dim: int = LATENT_DIM) -> SplitClassifier:
+    """The reference code's MNIST CNN: channels 6 and 16."""
+    return cnn(in_channels, image_hw, num_classes, latent_dim, CNN_CHANNELS["cnn"])
+
+
+def cnn_small(in_channels: int, image_hw: tuple[int, int], num_classes: int,
+              latent_dim: int = LATENT_DIM) -> SplitClassifier:
+    """A smaller device's CNN: channels 4 and 8 (13,266 parameters for MNIST), the same latent space."""
+    return cnn(in_channels, image_hw, num_classes, latent_dim, CNN_CHANNELS["cnn-small"])
+
+
+def cnn_wide(in_channels: int, image_hw: tuple[int, int], num_classes: int,
+             latent_dim: int = LATENT_DIM) -> SplitClassifier:
+    """A bigger device's CNN: channels 16 and 32 (55,434 parameters for MNIST), the same latent space."""
+    return cnn(in_channels, image_hw, num_classes, latent_dim, CNN_CHANNELS["cnn-wide"])
 
 
 def mlp(in_channels: int, image_hw: tuple[int, int], num_classes: int, latent_dim: int = LATENT_DIM,
@@ -66,14 +88,15 @@ def mlp(in_channels: int, image_hw: tuple[int, int], num_classes: int, latent_di
     return SplitClassifier(features, latent_dim, num_classes)
 
 
-MODELS: dict[str, Callable[..., SplitClassifier]] = {"cnn": reference_cnn, "mlp": mlp}
+MODELS: dict[str, Callable[..., SplitClassifier]] = {"cnn": reference_cnn, "cnn-small": cnn_small,
+                                                    "cnn-wide": cnn_wide, "mlp": mlp}
 if set(MODELS) != set(MODEL_NAMES):  # the names are declared once, in shared.algorithm.config
     raise ImportError(f"model builders {sorted(MODELS)} do not match the declared names {sorted(MODEL_NAMES)}")
 
 
 def build_model(name: str, image_shape: tuple[int, int, int], num_classes: int,
                 generator: torch.Generator | None = None) -> SplitClassifier:
-    """A classifier by name ('cnn' or 'mlp') for images of shape (C, H, W); with `generator`, its weights are
+    """A classifier by name (`MODELS`) for images of shape (C, H, W); with `generator`, its weights are
     drawn from it (`init_parameters`), so that building a model never depends on the process-wide RNG."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")

@@ -42,6 +42,7 @@ from edge_client.lite.local import objective
 from edge_client.lite.model import build_model as lite_model
 from edge_client.lite.runtime import LiteRuntime
 from edge_client.runtime import RUNTIMES, TorchRuntime, make_runtime
+from shared.algorithm.config import MODELS as CONFIG_MODELS
 from shared.algorithm.config import AlgorithmConfig
 from shared.algorithm.distill import make_generator
 from shared.algorithm.local import _generative_terms
@@ -54,7 +55,7 @@ LOSS_RTOL, GRAD_RTOL, GRAD_ATOL, ZERO_ATOL = 1e-5, 1e-4, 2e-6, 5e-5
 STATE_ATOL, TRAIN_LOSS_RTOL, EVAL_LOSS_RTOL = 5e-5, 1e-5, 1e-5
 BIAS_BEFORE_BATCHNORM = {"features.0.bias", "features.3.bias"}  # the cnn's; their CE / KL gradient is 0
 ROUND = 3  # FedGen's terms are on from round 1; lr = 0.01 * 0.99 ** 3
-MODELS = ("cnn", "mlp")
+MODELS = CONFIG_MODELS  # every shipped model: cnn, cnn-small, cnn-wide, mlp
 REPO = Path(__file__).resolve().parents[2]
 
 
