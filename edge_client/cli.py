@@ -9,6 +9,7 @@ import os
 import sys
 
 from edge_client.state import auto_client_id, lock_state_dir
+from shared.algorithm.config import MODELS
 from shared.data.datasets import DATA_DIR_ENV, dataset_folder
 from shared.mqtt import BrokerAddress, client_certificate_name
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "to the broker (default 60; 0 waits forever)")
     p.add_argument("--runtime", default="auto", choices=("auto", "torch", "lite"),
                    help="training runtime: torch, lite (numpy, no torch) or auto: torch when installed (default)")
+    p.add_argument("--model", default=None, choices=MODELS,
+                   help="the model this device runs, one the job allows (default: the job's first)")
     p.add_argument("--threads", type=int, default=1, help="compute threads (default 1)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the torch runtime trains: cuda, cpu or auto: cuda when available (default)")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                        username=args.username, password=args.password or os.environ.get("FEDGEN_MQTT_PASSWORD"),
                        tls_ca=args.tls_ca, tls_cert=(args.tls_cert, args.tls_key) if args.tls_cert else None,
                        retry_s=args.retry, exit_when_finished=not args.keep_running,
-                       runtime=args.runtime, threads=args.threads, device=args.device,
+                       runtime=args.runtime, threads=args.threads, device=args.device, model=args.model,
                        job_wait_s=args.job_wait or None)
     try:
         client = EdgeClient(opts, runtime)

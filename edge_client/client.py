@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 from edge_client.data import load_partition
@@ -69,8 +70,19 @@ class EdgeOptions:
     runtime: str = "auto"
     threads: int = 1
     device: str = "auto"  # the torch runtime's: auto (cuda when available), cpu, cuda
+    model: str | None = None  # the model this device runs, one of the job's (None: the job's default)
     # give up (exit 3) when nothing of the job arrives within this many seconds of connecting; None: wait forever
     job_wait_s: float | None = None
+
+
+def device_config(job: AlgorithmConfig, model: str | None) -> AlgorithmConfig:
+    """The job's settings as this device trains them: with the one model it runs (`model`, or the job's
+    default). ValueError when the job does not allow `model`."""
+    if model is None or model == job.model:
+        return job
+    if model not in job.allowed_models:
+        raise ValueError(f"this device runs model {model!r}; the job allows {', '.join(job.allowed_models)}")
+    return msgspec.structs.replace(job, model=model, models=msgspec.UNSET)
 
 
 class EdgeClient:
@@ -162,8 +174,9 @@ class EdgeClient:
         request = self.opts.partition if self.opts.partition is not None and self.opts.partition_index is None \
             else None
         n = len(self.data.train_y) if self.data is not None else None
+        model = self.cfg.model if self.cfg is not None else msgspec.UNSET
         self.link.publish(self.topics.presence(self.opts.client_id),
-                          Presence("online", n, self.state.meta.get("version"), device, request).to_json(),
+                          Presence("online", n, self.state.meta.get("version"), device, request, model).to_json(),
                           retain=True)
 
     # ------------------------------------------------------------------------------------------ messages
@@ -272,13 +285,14 @@ class EdgeClient:
         partition assignment, or for a manifest this device can use)."""
         if self.cfg is None:
             try:
-                self.runtime.prepare(manifest.config.algorithm, manifest.image_shape, manifest.num_classes)
+                cfg = device_config(manifest.config.algorithm, self.opts.model)
+                self.runtime.prepare(cfg, manifest.image_shape, manifest.num_classes)
             except ValueError as exc:
                 self._refuse("the manifest", "cannot_run", f"manifest of version {manifest.version} has settings "
                              f"this device cannot run ({exc}); waiting for another")
                 self.manifest = None
                 return False
-            self.cfg = manifest.config.algorithm
+            self.cfg = cfg
         if self.data is None:
             if self.opts.partition is not None and self.partition_index is None:
                 return False  # waiting for the server's assignment
@@ -337,7 +351,9 @@ class EdgeClient:
         header = UpdateHeader(job=self.opts.job, round=ann.round, attempt=ann.attempt, client=self.opts.client_id,
                               base_version=manifest.version, num_samples=result.num_samples,
                               label_counts=result.label_counts, idempotency_key=uuid.uuid4().hex,
-                              tensors_sha256=sha256_hex(blob), metrics=metrics)
+                              tensors_sha256=sha256_hex(blob), metrics=metrics,
+                              model=cfg.model if manifest.config.algorithm.models is not msgspec.UNSET
+                              else msgspec.UNSET)
         self.state.save_pending(header.idempotency_key, round_key, encode_update(header, blob))
         log.info("%s: trained round %d (%d samples, loss %.3f); uploading", self.opts.client_id, ann.round,
                  result.num_samples, result.train_loss)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import msgspec
 import numpy as np
 
 from edge_client.runtime import Runtime
@@ -14,7 +15,7 @@ from shared.algorithm.config import AlgorithmConfig
 from shared.algorithm.schedule import LatentSampler
 from shared.protocol.delta import apply_delta
 from shared.protocol.errors import ValidationError
-from shared.protocol.messages import Manifest
+from shared.protocol.messages import ArtifactRef, Manifest
 from shared.protocol.onnx_load import state_from_onnx
 from shared.protocol.tensors import decode_tensors, state_sha256, tensor_spec
 
@@ -53,20 +54,41 @@ class ModelCache:
             except (ValidationError, ArtifactError) as exc:
                 log.warning("%s: refused the delta (%s); taking the full model", self.client_id, exc)
         own = self.state.load_tensors("own") if cfg.partial else None
-        use_predictor = cfg.partial and own is not None
-        ref = manifest.predictor if use_predictor else manifest.model
-        floats = runtime.shared_keys(partial=False)
-        spec = tensor_spec({k: template[k] for k in (shared if use_predictor else floats)})
-        try:
-            read = state_from_onnx(self.fetch(ref.sha256, ref.size), spec, max_bytes=MAX_ARTIFACT_BYTES)
-        except ValidationError as exc:
-            raise ArtifactError(f"model ONNX refused: {exc}") from exc
+        if own is not None and tensor_spec(own) != tensor_spec(template):
+            log.warning("%s: the theta^f kept on this device is not of model %s; starting from the published "
+                        "initial one", self.client_id, cfg.model)
+            own = None
         if cfg.partial and own is None:  # a new device: its theta^f starts as the published initial one
+            read = self._read_onnx(self._model_ref(manifest, cfg), template, runtime.shared_keys(partial=False))
             self.state.save_tensors("own", {k: read.get(k, v) for k, v in template.items()})
+            if cfg.model != manifest.config.algorithm.model:  # that file's theta^p is the initial one
+                read = self._read_onnx(manifest.predictor, template, shared)
+        elif cfg.partial:
+            read = self._read_onnx(manifest.predictor, template, shared)
+        else:
+            read = self._read_onnx(manifest.model, template, runtime.shared_keys(partial=False))
         new = {k: read[k] for k in shared}
         if state_sha256(new) != manifest.state_sha256:
             raise ArtifactError("the full model does not hash to the manifest's state_sha256")
         return self._complete(template, self._adopt(manifest, new))
+
+    def _read_onnx(self, ref: ArtifactRef, template: dict[str, np.ndarray], keys: list[str]
+                   ) -> dict[str, np.ndarray]:
+        spec = tensor_spec({k: template[k] for k in keys})
+        try:
+            return state_from_onnx(self.fetch(ref.sha256, ref.size), spec, max_bytes=MAX_ARTIFACT_BYTES)
+        except ValidationError as exc:
+            raise ArtifactError(f"model ONNX refused: {exc}") from exc
+
+    @staticmethod
+    def _model_ref(manifest: Manifest, cfg: AlgorithmConfig) -> ArtifactRef:
+        """The classifier of the model this device runs: the manifest's model, or (a job with several models)
+        that model's entry in `models`."""
+        if cfg.model == manifest.config.algorithm.model:
+            return manifest.model
+        if manifest.models is msgspec.UNSET or cfg.model not in manifest.models:
+            raise ArtifactError(f"the manifest publishes no classifier of model {cfg.model!r}")
+        return manifest.models[cfg.model]
 
     @property
     def generator_sha(self) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from server_api.devices import add_device_commands
 from server_api.jobs_cli import add_job_commands
 from shared.algorithm.config import AGGREGATIONS, ALGORITHMS
-from shared.cli import add_library_commands, samples_per_class_arg, show_defaults
+from shared.cli import add_library_commands, models_arg, samples_per_class_arg, show_defaults
 from shared.data.datasets import DataError
 
 
@@ -35,7 +35,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
                       samples_per_class=args.samples_per_class, local_steps=args.local_steps,
                       round_timeout_s=args.round_timeout, aggregation=args.aggregation, broker_url=args.broker,
                       db_url=args.db, port=args.port, data_dir=args.data_dir, workdir=args.workdir,
-                      keep_serving=args.keep_serving, edge_runtime=args.edge_runtime)
+                      keep_serving=args.keep_serving, edge_runtime=args.edge_runtime, models=args.models or ())
     summary = run_fleet(cfg, args.out)
     if summary:
         final, best5 = summary.get("final_accuracy"), summary.get("best5_mean_accuracy")
@@ -89,6 +89,8 @@ def _add_server_commands(sub: argparse._SubParsersAction) -> None:
     fleet.add_argument("--keep-serving", action="store_true", help="keep broker and server up after the job")
     fleet.add_argument("--edge-runtime", choices=("torch", "lite", "mixed"), default="torch",
                        help="the devices' training runtime; mixed: even-numbered devices torch, odd ones lite")
+    fleet.add_argument("--models", type=models_arg, default=None, metavar="NAME,NAME,...",
+                       help="devices with different models (needs --partial): device i runs the i-th, round-robin")
     fleet.set_defaults(func=cmd_fleet)
     show_defaults(fleet)
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from shared.algorithm.aggregate import select_clients
 from shared.algorithm.config import AlgorithmConfig
 from shared.algorithm.federation import GlobalState, RoundAccumulator, client_start_state, model_of_user
-from shared.algorithm.local import EvalResult, evaluate, local_update
+from shared.algorithm.local import EvalResult, class_correct, evaluate, local_update
 from shared.algorithm.schedule import round_seed
 from shared.data.datasets import load_dataset
 from shared.data.partition import PartitionSpec, UserData, partition
@@ -131,6 +131,23 @@ def accuracy_by_model(cfg: AlgorithmConfig, per_user: dict[int, EvalResult]) -> 
     return {name: totals[name].accuracy for name in cfg.allowed_models if name in totals}
 
 
+def balanced_val_accuracy(state: GlobalState, users: list[UserData], own_states: dict[int, dict]) -> float:
+    """Validation accuracy weighted as the test split is: a user's test split holds an equal chunk of each of
+    its own classes, whatever its training share of them, while its validation split follows its training
+    distribution. So: the mean, over every (user, class) pair with validation images, of that user's
+    accuracy on that class (each user's own model in partial mode, the global one otherwise). Classes a user
+    has too few images of to validate on are missing, so this still leans optimistic (docs/algorithm.md)."""
+    accuracies = []
+    for user in users:
+        if user.val_y is None or not len(user.val_y):
+            continue
+        name = model_of_user(state.cfg, user.user)
+        model_state = client_start_state(state.model_state(name), own_states.get(user.user), state.cfg.partial)
+        correct, count = class_correct(state.models[name], model_state, user.val_x, user.val_y, state.num_classes)
+        accuracies += [c / n for c, n in zip(correct, count) if n]
+    return float(np.mean(accuracies)) if accuracies else math.nan
+
+
 def _pooled(users: list[UserData], split: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Every user's `split` ("test" or "val") concatenated; None when the users have no validation split."""
     if split == "val" and any(u.val_y is None for u in users):
@@ -187,6 +204,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
             record["accuracy_by_model"] = accuracy_by_model(algo, per_user)
         if pooled_val is not None:  # the split decisions are made on (docs/algorithm.md)
             record["val_accuracy"] = evaluate_round(state, users, own_states, pooled_val, "val").accuracy
+            record["val_balanced_accuracy"] = balanced_val_accuracy(state, users, own_states)
         if gen_stats is not None:
             record["generator_loss"] = gen_stats.teacher_loss
             record["diversity_loss"] = gen_stats.diversity_loss
@@ -210,6 +228,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = True, users: list[Use
         val = [r["val_accuracy"] for r in rounds]
         run["final_val_accuracy"] = val[-1] if val else math.nan
         run[f"val_{BEST5_KEY}"] = top_k_mean(val, 5)
+        run[f"val_balanced_{BEST5_KEY}"] = top_k_mean([r["val_balanced_accuracy"] for r in rounds], 5)
     return run
 
 

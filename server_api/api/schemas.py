@@ -48,6 +48,16 @@ class JobList(Page):
     items: list[JobOut]
 
 
+class ModelStats(BaseModel):
+    """One model's share of a round of a job with several models (devices' own figures)."""
+
+    updates: int = Field(description="accepted updates trained with this model")
+    samples: int = Field(description="their training samples")
+    test_correct: float = Field(description="correct predictions the devices reported on their test splits")
+    test_count: float = Field(description="test images the devices reported")
+    accuracy: float | None = Field(description="test_correct / test_count; null when no device reported a test")
+
+
 class RoundPoint(BaseModel):
     """One round attempt, without its selection (what the dashboard's curves need)."""
 
@@ -66,6 +76,8 @@ class RoundPoint(BaseModel):
     num_updates: int
     model_version: int | None
     failure_reason: str | None
+    model_stats: dict[str, ModelStats] | None = Field(
+        default=None, description="a job with several models: this round's figures per model")
 
 
 class RoundOut(RoundPoint):
@@ -94,6 +106,7 @@ class UpdateOut(BaseModel):
     base_version: int
     payload_bytes: int
     received_at: datetime
+    model: str | None = Field(default=None, description="the model it was trained with (null: not recorded)")
 
 
 class RoundAttemptDetail(RoundOut):

@@ -258,6 +258,8 @@ class Round(Base):
     num_updates: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # a job with several models: model -> {"updates", "samples", "test_correct", "test_count", "accuracy"}
+    model_stats: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="rounds")
     updates: Mapped[list[ClientUpdate]] = relationship(
@@ -296,6 +298,7 @@ class ClientUpdate(Base):
     payload_sha256: Mapped[str | None] = _sha_column(nullable=True)
     payload_bytes: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     received_at: Mapped[datetime] = _now_column()
+    model: Mapped[str | None] = mapped_column(String(32), nullable=True)  # None: rows from before 0004
 
     job: Mapped[Job] = relationship(back_populates="updates")
     round: Mapped[Round] = relationship(back_populates="updates")

@@ -70,6 +70,7 @@ class FleetConfig:
     keep_serving: bool = False
     progress: bool = True
     edge_runtime: str = "torch"  # the devices' --runtime: torch, lite, or mixed (EDGE_RUNTIMES)
+    models: tuple[str, ...] = ()  # devices with different models (partial): device i runs models[i % len]
     extra_client_args: dict[int, list[str]] = field(default_factory=dict)
     # A secured broker (docs/broker.md, "Running a secured fleet"). The server logs in as broker_username with
     # broker_password (FEDGEN_BROKER_USERNAME/PASSWORD); client <index> logs in as its client id "c<index>"
@@ -93,6 +94,10 @@ class FleetConfig:
             return "torch" if index % 2 == 0 else "lite"
         return self.edge_runtime
 
+    def model_of(self, index: int) -> str | None:
+        """The ``--model`` of device `index` (None: the job's default)."""
+        return self.models[index % len(self.models)] if self.models else None
+
     @property
     def active_clients(self) -> int:
         return self.active or math.ceil(self.clients / 2)
@@ -109,7 +114,8 @@ class FleetConfig:
             "dataset": self.dataset, "rounds": self.rounds, "active": self.active_clients,
             "min_clients": max(1, math.ceil(self.active_clients / 2)), "round_timeout_s": self.round_timeout_s,
             "seed": self.seed, "min_online": self.clients, "aggregation": self.aggregation,
-            "algorithm": {"algorithm": self.algorithm, "partial": self.partial, "local_steps": self.local_steps},
+            "algorithm": {"algorithm": self.algorithm, "partial": self.partial, "local_steps": self.local_steps,
+                          **({"model": self.models[0], "models": list(self.models)} if self.models else {})},
             "server_eval": msgspec.to_builtins(self.partition),
         }
 
@@ -123,7 +129,8 @@ def job_summary(rounds: list[dict], config: dict) -> dict:
     closed = sorted((r for r in rounds if r["status"] == "closed"), key=lambda r: r["index"])
     records = [{"round": r["index"], "accuracy": r["accuracy"], "loss": r["loss"], "bytes_up": r["bytes_up"],
                 "bytes_down": r["bytes_down"], "generator_loss": r.get("generator_loss"),
-                "num_updates": r["num_updates"], "attempt": r["attempt"]} for r in closed]
+                "num_updates": r["num_updates"], "attempt": r["attempt"],
+                **({"model_stats": r["model_stats"]} if r.get("model_stats") else {})} for r in closed]
     accuracies = [r["accuracy"] for r in records if r["accuracy"] is not None]
     return {"config": config, "rounds": records,
             "final_accuracy": accuracies[-1] if accuracies else None,
@@ -194,6 +201,8 @@ class Fleet:
                "--job-wait", "300", "-v"]  # the job is created first; 300 s covers a loaded machine
         if self.cfg.data_dir:
             cmd += ["--data-dir", self.cfg.data_dir]
+        if self.cfg.model_of(index):
+            cmd += ["--model", self.cfg.model_of(index)]
         env = dict(os.environ)
         if self.cfg.broker_tls_ca:
             cmd += ["--tls-ca", str(self.cfg.broker_tls_ca)]

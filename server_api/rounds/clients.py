@@ -76,10 +76,12 @@ class ClientRegistry:
         return presence.num_samples if presence is not None else None
 
     def bytes_down(self, window: RoundWindow, version: VersionRecord, store: ArtifactStore,
-                   partial: bool = False) -> int:
+                   partial: bool = False, other_models: dict[str, int] | None = None) -> int:
         """What the selected clients needed to download for this round, as a device decides it: the delta when
         it held the previous version (as its presence says); else in partial mode the predictor alone when it
-        holds any earlier version (its theta^f is its own), else the full model; plus the generator (FedGen)."""
+        holds any earlier version (its theta^f is its own), else the full model (a device of another of the
+        job's models: that model's initial classifier, sizes in `other_models`, and the predictor); plus the
+        generator (FedGen)."""
         def size(sha: str | None) -> int:
             return store.size(sha) if sha else 0  # stat, no read
 
@@ -90,14 +92,22 @@ class ClientRegistry:
                 total += size(version.delta)
             elif partial and held is not None:
                 total += size(version.predictor_onnx)
+            elif other_models and (model := self._model_of(client)) in other_models:
+                total += other_models[model] + size(version.predictor_onnx)
             else:
                 total += size(version.model_onnx)
             total += size(version.generator_onnx)
         return total
 
+    def _model_of(self, client: str) -> str | None:
+        presence = self.online.get(client)
+        return presence.model if presence is not None and presence.model is not msgspec.UNSET else None
+
     def _updated(self, client: str, presence: Presence, row: ClientRecord | None
                  ) -> tuple[ClientRecord, Assignment | None]:
         info = {**(row.device_info if row else {}), **presence.device}
+        if presence.model is not msgspec.UNSET:  # the model it runs, validated against the shipped names
+            info["model"] = presence.model
         num_samples = presence.num_samples if presence.num_samples is not None else (row.num_samples if row else None)
         version = presence.version if presence.version is not None else (row.state_version if row else None)
         assignment = None

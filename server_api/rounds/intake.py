@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 from server_api import metrics
@@ -80,12 +81,13 @@ class UpdateValidator:
     tensors against the job's spec."""
 
     def __init__(self, job: str, num_classes: int, spec: Spec, max_bytes: int,
-                 max_client_samples: int = MAX_SAMPLES):
+                 max_client_samples: int = MAX_SAMPLES, models: tuple[str, ...] = ()):
         self.job = job
         self.num_classes = num_classes
         self.spec = spec
         self.max_bytes = max_bytes
         self.max_client_samples = max_client_samples
+        self.models = models  # the job's models, its default first (empty: any model header is refused)
 
     def check(self, client: str, envelope: bytes, window: RoundWindow | None, now: float,
               announced: int | None = None) -> Decision:
@@ -125,6 +127,9 @@ class UpdateValidator:
         if header.base_version != window.version:
             raise ValidationError("wrong_version", f"trained from version {header.base_version}, round "
                                                    f"{window.index} trains version {window.version}")
+        if header.model is not msgspec.UNSET and header.model not in self.models:
+            raise ValidationError("model_not_allowed", f"trained with model {header.model!r}; job {self.job} "
+                                                       f"allows {', '.join(self.models) or 'none named'}")
 
 
     def _check_counts(self, header: UpdateHeader, announced: int | None) -> None:
@@ -276,17 +281,23 @@ class UpdateIntake:
             records.append(UpdateRecord(
                 open_round.row_id, a.client, header.idempotency_key, "accepted", header.base_version,
                 header.num_samples, list(header.label_counts), dict(header.metrics),
-                payload_sha256=sha, payload_bytes=a.size))
+                payload_sha256=sha, payload_bytes=a.size, model=self._model_of(header)))
         stored = self.state.add_updates(records)
         elapsed = time.perf_counter() - started
         for a, inserted in zip(arrivals, stored):
             header = a.decision.header
             if inserted:
                 open_round.add(a.client, a.decision.tensors, header.num_samples, header.label_counts, header.metrics,
-                               a.size)
+                               a.size, self._model_of(header))
                 metrics.BYTES_IN.labels(self.job).inc(a.size)
                 metrics.INGEST_SECONDS.labels(self.job).observe(elapsed)
             self._ack(a.client, Ack(header.idempotency_key, "accepted" if inserted else "duplicate", header.round))
+
+    def _model_of(self, header: UpdateHeader) -> str | None:
+        """The model an accepted update was trained with: the one it names, else the job's default."""
+        if header.model is not msgspec.UNSET:
+            return header.model
+        return self.validator.models[0] if self.validator.models else None
 
     def record_rejection(self, client: str, key: str, reason: str, message: str, open_round: OpenRound | None,
                          header: UpdateHeader | None = None, size: int = 0) -> None:

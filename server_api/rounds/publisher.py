@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import msgspec
+
 from server_api import metrics
 from server_api.db.store import ArtifactStore
 from server_api.rounds.context import Link, publish_confirmed
@@ -37,6 +39,7 @@ class VersionPublisher:
         self.link = link
         self.stopping = stopping
         self.topics = Topics(config.id)
+        self._lasting: dict[str, ArtifactRef] = {}
 
     def store_version(self, runtime: JobRuntime, artifacts: VersionArtifacts, round_index: int | None,
                       closes: tuple[int, RoundResult] | None = None) -> VersionRecord:
@@ -58,12 +61,18 @@ class VersionPublisher:
         refs = {kind: self._publish_artifact(sha) if sha else None for kind, sha in (
             ("model", record.model_onnx), ("predictor", record.predictor_onnx),
             ("generator", record.generator_onnx), ("delta", record.delta))}
+        models: dict[str, ArtifactRef] | msgspec.UnsetType = msgspec.UNSET
+        if len(runtime.cfg.allowed_models) > 1:
+            models = {runtime.cfg.model: refs["model"]}
+            models.update({name: self._publish_lasting(self.store.put(blob))
+                           for name, blob in runtime.other_models_onnx().items()})
         manifest = Manifest(
             job=self.config.id, version=record.version,
             round=record.round_index + 1 if record.round_index is not None else 0,
             state_sha256=record.state_sha256, model=refs["model"], predictor=refs["predictor"],
             num_classes=runtime.info.num_classes, image_shape=tuple(runtime.info.image_shape), config=self.config,
-            generator=refs["generator"], delta=refs["delta"], delta_base_version=record.delta_base_version,
+            generator=refs["generator"], models=models, delta=refs["delta"],
+            delta_base_version=record.delta_base_version,
             label_prior=[float(p) for p in runtime.global_state.prior.probabilities()])
         self._publish(self.topics.manifest, manifest.to_json())
         self._clear_version(record.version - 1, keep={r.sha256 for r in refs.values() if r})
@@ -81,6 +90,13 @@ class VersionPublisher:
             self._publish(self.topics.artifact_chunk(sha, i), chunk)
         metrics.BYTES_OUT.labels(self.config.id).inc(len(blob))
         return ArtifactRef(sha256=sha, size=len(blob), chunks=len(chunks))
+
+    def _publish_lasting(self, sha: str) -> ArtifactRef:
+        """An artifact that stays the same for the whole job (another model's initial classifier): published
+        (retained) once per server process."""
+        if sha not in self._lasting:
+            self._lasting[sha] = self._publish_artifact(sha)
+        return self._lasting[sha]
 
     def _publish(self, topic: str, payload: bytes) -> None:
         publish_confirmed(self.link, topic, payload, self.stopping, f"job {self.config.id}")

@@ -59,13 +59,15 @@ class OpenRound:
     samples: dict[str, int] = field(default_factory=dict)  # client -> its sample count (aggregation weight)
     opened_at: float = field(default_factory=time.monotonic)
     tests: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # client -> (correct, count, loss)
+    models: dict[str, str | None] = field(default_factory=dict)  # client -> the model it trained
 
     def add(self, client: str, tensors: Mapping[str, np.ndarray], num_samples: int, label_counts: list[int],
-            metrics: Mapping[str, float], size: int) -> None:
+            metrics: Mapping[str, float], size: int, model: str | None = None) -> None:
         self.accumulator.add(tensors, num_samples, np.asarray(label_counts), client=client)
         self.window.accepted.add(client)
         self.bytes_up += size
         self.samples[client] = num_samples
+        self.models[client] = model
         count = metrics.get("test_count", 0.0)
         if count > 0:
             self.tests[client] = (metrics.get("test_correct", 0.0), count, metrics.get("test_loss", 0.0))
@@ -82,6 +84,22 @@ class OpenRound:
         accuracy = sum(w * self.tests[c][0] / self.tests[c][1] for w, c in zip(weights, clients)) / total
         loss = sum(w * self.tests[c][2] for w, c in zip(weights, clients)) / total
         return accuracy, loss
+
+    def model_stats(self, default: str) -> dict[str, dict[str, float | int | None]]:
+        """Per model: accepted updates, their samples, and the devices' own test results summed (accuracy =
+        correct / tested, None when none reported a test)."""
+        stats: dict[str, dict[str, float | int | None]] = {}
+        for client in sorted(self.models):
+            entry = stats.setdefault(self.models[client] or default,
+                                     {"updates": 0, "samples": 0, "test_correct": 0.0, "test_count": 0.0})
+            entry["updates"] += 1
+            entry["samples"] += self.samples[client]
+            correct, count, _ = self.tests.get(client, (0.0, 0.0, 0.0))
+            entry["test_correct"] += correct
+            entry["test_count"] += count
+        for entry in stats.values():
+            entry["accuracy"] = entry["test_correct"] / entry["test_count"] if entry["test_count"] else None
+        return stats
 
 
 class RoundKeeper:
@@ -129,7 +147,7 @@ class RoundKeeper:
         for update in updates:
             tensors = decode_tensors(self.store.get(update.payload_sha256), spec, max_bytes=self.max_upload_bytes)
             opened.add(update.client_id, tensors, update.num_samples, update.label_counts, update.metrics,
-                       update.payload_bytes)
+                       update.payload_bytes, update.model)
         log.info("job %s resumed round %d (attempt %d) with %d accepted updates", self.config.id, row.index,
                  row.attempt, len(updates))
         self.announce(opened)
@@ -160,8 +178,10 @@ class RoundKeeper:
         client_accuracy, client_loss = opened.client_metrics()
         accuracy = figures["accuracy"] if figures["accuracy"] is not None else client_accuracy
         loss = figures["loss"] if figures["loss"] is not None else client_loss
+        models = self.config.algorithm.allowed_models
         result = RoundResult("closed", accepted, opened.bytes_up, down, _finite(accuracy), _finite(loss),
-                             _finite(figures["generator_loss"]), self.runtime.version)
+                             _finite(figures["generator_loss"]), self.runtime.version,
+                             model_stats=opened.model_stats(models[0]) if len(models) > 1 else None)
         record = self.publisher.store_version(self.runtime, artifacts, window.index, (opened.row_id, result))
         metrics.CLOSE_SECONDS.labels(self.config.id).observe(time.perf_counter() - started)
         self._count(opened, "closed")

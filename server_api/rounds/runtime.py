@@ -48,6 +48,7 @@ class JobRuntime:
         self.global_state = GlobalState(config.algorithm, info.image_shape, info.num_classes, config.seed)
         self.version = 0
         self._eval_data: tuple[np.ndarray, np.ndarray] | None = None
+        self._other_models_onnx: dict[str, bytes] | None = None
 
     @property
     def cfg(self) -> AlgorithmConfig:
@@ -102,6 +103,18 @@ class JobRuntime:
             generator_onnx=generator_onnx,
             delta=encode_tensors(delta) if delta is not None else None,
         )
+
+    def other_models_onnx(self) -> dict[str, bytes]:
+        """A job with several models: every model but the default one as ONNX, its initial theta^f with the
+        initial theta^p. The same bytes for the whole job (and after a restart: both are drawn from the job's
+        seed), so they are published once and stay."""
+        if self._other_models_onnx is None:
+            gs = self.global_state
+            self._other_models_onnx = {
+                name: export_classifier_onnx(gs.models[name], {**gs.initial_features[name], **gs.initial_predictor},
+                                             image_shape=self.info.image_shape)
+                for name in self.cfg.allowed_models if name != self.cfg.model}
+        return self._other_models_onnx
 
     # ------------------------------------------------------------------------------------------ persistence
     def server_state(self) -> bytes:

@@ -92,6 +92,7 @@ class UpdateRecord:
     reason: str | None = None
     payload_sha256: str | None = None
     payload_bytes: int = 0
+    model: str | None = None  # the model it was trained with (None: not recorded, rows before migration 0004)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class RoundResult:
     generator_loss: float | None = None
     model_version: int | None = None
     failure_reason: str | None = None
+    model_stats: dict[str, dict[str, float | int | None]] | None = None  # per model, jobs with several
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,7 @@ class SqlJobStore:
             idempotency_key=record.idempotency_key, base_version=record.base_version,
             num_samples=record.num_samples, label_counts=list(record.label_counts),
             metrics=dict(record.metrics), status=UpdateStatus(record.status), reason=record.reason,
-            payload_sha256=record.payload_sha256, payload_bytes=record.payload_bytes)
+            payload_sha256=record.payload_sha256, payload_bytes=record.payload_bytes, model=record.model)
 
     def accepted_updates(self, round_id: int) -> list[UpdateRecord]:
         return self._tx(lambda s: [_update_record(u) for u in queries.accepted_updates(s, round_id)])
@@ -328,6 +330,7 @@ def _finish_round_row(s: Session, round_id: int, result: RoundResult) -> Round:
     row.accuracy, row.loss, row.generator_loss = result.accuracy, result.loss, result.generator_loss
     row.model_version = result.model_version
     row.failure_reason = result.failure_reason
+    row.model_stats = result.model_stats
     return row
 
 
@@ -350,7 +353,7 @@ def _update_record(row: ClientUpdate | None) -> UpdateRecord | None:
         return None
     return UpdateRecord(row.round_id, row.client_id, row.idempotency_key, row.status.value, row.base_version,
                         row.num_samples, list(row.label_counts), dict(row.metrics), row.reason,
-                        row.payload_sha256, row.payload_bytes)
+                        row.payload_sha256, row.payload_bytes, row.model)
 
 
 def _client_record(row: Client) -> ClientRecord:

@@ -102,7 +102,8 @@ class JobWorker(threading.Thread):
         self.publisher = VersionPublisher(self.config, self.state, self.ctx.store, self.ctx.link, self.stopping)
         self.clients = ClientRegistry(self.job_id, self.state, self.ctx.link, self.ctx.partition_release_s)
         validator = UpdateValidator(self.job_id, self.runtime.info.num_classes, self.runtime.upload_spec(),
-                                    self.ctx.max_upload_bytes, self.config.max_client_samples)
+                                    self.ctx.max_upload_bytes, self.config.max_client_samples,
+                                    self.config.algorithm.allowed_models)
         self.intake = UpdateIntake(self.job_id, self.state, self.ctx.store, self.ctx.link, validator,
                                    announced=self.clients.announced)
         self.rounds = RoundKeeper(self.config, self.state, self.ctx.store, self.runtime, self.publisher,
@@ -183,8 +184,10 @@ class JobWorker(threading.Thread):
     def _close(self) -> None:
         opened, self.open = self.open, None
         version = self.state.version(opened.window.version)
+        others = {name: len(blob) for name, blob in self.runtime.other_models_onnx().items()}
         record = self.rounds.close(opened, lambda w: self.clients.bytes_down(w, version, self.ctx.store,
-                                                                                  self.config.algorithm.partial))
+                                                                                  self.config.algorithm.partial,
+                                                                                  others))
         if record is not None:
             self.last_failure = None
             self.publisher.publish_version(record, self.runtime)

@@ -94,6 +94,7 @@ class GlobalState:
             for name in cfg.allowed_models}
         self.model: SplitClassifier = self.models[cfg.model]
         self.state = clone_state(self.model.state_dict())  # cfg.model's; theta^p is every model's
+        self.initial_predictor = {k: v.clone() for k, v in self.state.items() if is_predictor_key(k)}
         # the other models' initial theta^f (partial sharing: they never change on the server)
         self.initial_features = {name: {k: v for k, v in clone_state(m.state_dict()).items()
                                         if not is_predictor_key(k)}

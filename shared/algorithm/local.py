@@ -127,3 +127,17 @@ def evaluate(model: SplitClassifier, state: Mapping[str, torch.Tensor], x: np.nd
         correct += int((logits.argmax(1) == yb).sum())
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
     return EvalResult(correct, len(y), loss_sum)
+
+
+@torch.no_grad()
+def class_correct(model: SplitClassifier, state: Mapping[str, torch.Tensor], x: np.ndarray, y: np.ndarray,
+                  num_classes: int, batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(correct predictions per class, images per class) of `state` on (x, y), BatchNorm in eval mode."""
+    model.load_state_dict(state)
+    model.eval()
+    correct = np.zeros(num_classes, dtype=np.int64)
+    for start in range(0, len(y), batch_size):
+        yb = y[start:start + batch_size]
+        hits = model(torch.from_numpy(x[start:start + batch_size])).argmax(1).numpy() == yb
+        correct += np.bincount(yb[hits], minlength=num_classes)
+    return correct, np.bincount(y, minlength=num_classes)

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from shared.algorithm.config import MODELS, ModelName
 from shared.algorithm.schedule import selection_rank
 from shared.data.datasets import dataset_info
 from shared.data.partition import PartitionSpec
@@ -81,6 +82,7 @@ class UpdateHeader(_Json, kw_only=True):
     idempotency_key: IdempotencyKey
     tensors_sha256: Sha256
     metrics: Annotated[dict[MetricName, MetricValue], msgspec.Meta(max_length=len(METRIC_NAMES))]
+    model: ModelName | msgspec.UnsetType = msgspec.UNSET  # the model trained (unset: the job's default)
 
     def check(self) -> None:
         counts = self.label_counts
@@ -141,6 +143,10 @@ class Manifest(_Json, kw_only=True):
     image_shape: tuple[ImageSide, ImageSide, ImageSide]
     config: JobConfig  # the job, as created; config.algorithm is what the device trains with
     generator: ArtifactRef | None = None
+    # a job with several models: each model's classifier as ONNX with its initial theta^f (where a new device
+    # of that model takes its theta^f; the current theta^p is `predictor`); unset for a one-model job
+    models: Annotated[dict[ModelName, ArtifactRef], msgspec.Meta(max_length=len(MODELS))] | msgspec.UnsetType \
+        = msgspec.UNSET
     delta: ArtifactRef | None = None  # safetensors, new - old, keyed by parameter name
     delta_base_version: Count | None = None
     label_prior: Annotated[list[Probability], msgspec.Meta(max_length=MAX_CLASSES)] | None = None
@@ -159,6 +165,9 @@ class Manifest(_Json, kw_only=True):
                                                f"{self.num_classes} classes")
         if (self.delta is None) != (self.delta_base_version is None):
             raise ValidationError("bad_field", "delta and delta_base_version come together")
+        if self.models is not msgspec.UNSET and set(self.models) != set(self.config.algorithm.allowed_models):
+            raise ValidationError("bad_field", f"models {sorted(self.models)} are not the job's "
+                                               f"{sorted(self.config.algorithm.allowed_models)}")
 
 
 def decode_manifest(data: bytes) -> Manifest:
@@ -237,6 +246,7 @@ class Presence(_Json):
     version: Count | None = None  # model version the device holds
     device: DeviceInfo = msgspec.field(default_factory=dict)
     partition_request: PartitionSpec | None = None
+    model: ModelName | msgspec.UnsetType = msgspec.UNSET  # the model it runs, once it knows the job's
 
 
 def decode_presence(data: bytes) -> Presence:

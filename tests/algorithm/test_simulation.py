@@ -64,6 +64,8 @@ def test_validation_split_is_evaluated_each_round_and_changes_nothing_when_off(p
     assert "val_accuracy" not in plain["rounds"][0] and "final_val_accuracy" not in plain
     val = [r["val_accuracy"] for r in run["rounds"]]
     assert len(val) == 6 and run["final_val_accuracy"] == val[-1]
+    assert all(0.1 < r["val_balanced_accuracy"] <= 1 for r in run["rounds"][1:])
+    assert "val_balanced_best5_mean_accuracy" in run and "val_balanced_accuracy" not in plain["rounds"][0]
     assert val[-1] > 0.5 and val[-1] > val[0]  # chance is 0.1
     assert val != [r["accuracy"] for r in run["rounds"]]
     assert run["config"]["partition"]["validation"] == 0.25
@@ -111,3 +113,31 @@ def test_cli_partition_prints_histogram(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].split()[0] == "user" and len([ln for ln in lines if ln.strip()[:1].isdigit()]) == 20
     assert (tmp_path / "f.png").exists()
+
+
+def test_balanced_validation_accuracy_weighs_each_users_class_alike():
+    """The mean over (user, class) pairs of that user's accuracy on that class, computed here from each
+    class's images alone: a user's rare class counts as much as its dominant one, as in its test split."""
+    import numpy as np
+    import torch
+
+    from shared.algorithm.federation import GlobalState
+    from shared.algorithm.local import evaluate
+    from shared.data.datasets import load_dataset
+    from shared.data.partition import partition
+    from shared.simulation import balanced_val_accuracy
+
+    spec = PartitionSpec(dataset="mnist-subset", users=4, alpha=0.3, samples_per_class=100, seed=2, validation=0.3)
+    users = partition(load_dataset("mnist-subset"), spec.resolve("mnist-subset", 2))
+    state = GlobalState(AlgorithmConfig(algorithm="fedavg", partial=True), (1, 28, 28), 10, seed=2)
+    own = {0: {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v  # one user with its own theta^f
+               for k, v in state.state.items()}}
+    expected = []
+    for user in users:
+        model_state = dict(state.state) if user.user not in own else \
+            {k: state.state[k] if k.startswith("predictor.") else own[user.user][k] for k in state.state}
+        for c in np.unique(user.val_y):
+            mask = user.val_y == c
+            expected.append(evaluate(state.model, model_state, user.val_x[mask], user.val_y[mask]).accuracy)
+    assert len(expected) > len(users)  # several classes per user
+    assert balanced_val_accuracy(state, users, own) == pytest.approx(float(np.mean(expected)), abs=1e-12)

@@ -9,10 +9,12 @@ import pytest
 from safetensors.torch import load as load_tensors
 from sqlalchemy import select
 
+from edge_client.state import DeviceState, job_state_dir
 from server_api.db import ClientUpdate, Round, UpdateStatus, make_engine, make_session_factory
 from server_api.db.store import ArtifactStore
 from server_api.devfleet.fleet import Fleet, FleetConfig
 from shared.algorithm.config import AlgorithmConfig
+from shared.algorithm.models import build_model
 from shared.data.datasets import load_dataset
 from shared.data.partition import PartitionSpec, partition
 from shared.simulation import SimulationConfig, run_simulation
@@ -131,3 +133,35 @@ def wait_for(condition, timeout: float, interval: float = 0.5) -> None:
             return
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+def test_devices_with_different_models_finish_a_fedgen_job(fleet_factory):
+    """Partial sharing with three feature extractors (torch and lite devices mixed): every device trains its
+    own model, uploads theta^p only, and the server keeps the round's figures per model."""
+    models = ("cnn-wide", "cnn-small", "mlp")
+    fleet = fleet_factory(partial=True, models=models, edge_runtime="mixed", clients=4, active=4, rounds=3)
+    summary = fleet.run(timeout=900)
+    assert summary["job_status"] == "finished"
+    model_of = {f"c{k}": fleet.cfg.model_of(k) for k in range(4)}
+    assert set(model_of.values()) == set(models)
+    store = ArtifactStore(fleet.workdir / "artifacts")
+    with session_of(fleet) as session:
+        updates = session.scalars(select(ClientUpdate).where(ClientUpdate.status == UpdateStatus.ACCEPTED)).all()
+        assert len(updates) == 3 * 4
+        for upd in updates:
+            assert upd.model == model_of[upd.client_id]
+            assert set(load_tensors(store.get(upd.payload_sha256))) == {"predictor.weight", "predictor.bias"}
+    for record in summary["rounds"]:  # the figures per model add up to the round's
+        stats = record["model_stats"]
+        assert set(stats) == set(models)
+        assert sum(s["updates"] for s in stats.values()) == record["num_updates"] == 4
+        assert stats["cnn-wide"]["updates"] == 2  # c0 and c3
+        assert all(s["test_count"] > 0 and 0 <= s["accuracy"] <= 1 for s in stats.values())
+    detail = fleet.request("GET", f"/jobs/{fleet.job_id}/rounds/2")["attempts"][-1]
+    assert {u["client_id"]: u["model"] for u in detail["updates"]} == model_of
+    clients = fleet.request("GET", f"/clients?job_id={fleet.job_id}")["items"]
+    assert {c["client_id"]: c["device_info"]["model"] for c in clients} == model_of  # from the presence
+    for k in range(4):  # each device kept the theta^f of its own architecture
+        own = DeviceState(job_state_dir(fleet.workdir / "edge" / f"c{k}", fleet.job_id)).load_tensors("own")
+        expected = build_model(model_of[f"c{k}"], (1, 28, 28), 10).state_dict()
+        assert {n: v.shape for n, v in own.items()} == {n: tuple(v.shape) for n, v in expected.items()}

@@ -739,3 +739,54 @@ def test_reassembler_limits_streams_per_sender_and_bytes():
     assert err.value.reason == "reassembly_full" and r.held_bytes == 120
     assert r.add("dev-a", decode_chunk(first[0][1], MAX)) == b"a" * 100 and r.held_bytes == 60
     r.add("dev-a", decode_chunk(first[2][0], MAX))  # room again for dev-a
+
+
+# ---------------------------------------------------------------------------------------------------- several models
+def het_config() -> JobConfig:
+    return JobConfig(id="job1", dataset="mnist-subset", seed=7, chunk_size=4096,
+                     algorithm=AlgorithmConfig.from_dict({"partial": True, "models": ["cnn", "mlp"]}))
+
+
+def test_one_model_messages_are_encoded_as_before():
+    """A one-model job's manifest, and a device's update and presence that name no model, carry no new keys:
+    devices and servers of the previous release decode them (forbid_unknown_fields)."""
+    assert "models" not in json.loads(manifest().to_json())
+    assert "models" not in json.loads(manifest().to_json())["config"]["algorithm"]
+    blob = tensors_blob()
+    assert "model" not in json.loads(update_header(blob).to_json())
+    assert "model" not in json.loads(Presence("online", 5).to_json())
+
+
+def test_several_models_round_trip_and_are_checked():
+    het = manifest(config=het_config(), models={"cnn": ref("model", 110_000, 1), "mlp": ref("mlp", 660_000, 3)})
+    assert decode_manifest(het.to_json()) == het
+    raw = json.loads(het.to_json())
+    raw["models"] = {"cnn": raw["models"]["cnn"]}  # a model of the job missing
+    with pytest.raises(ValidationError, match="not the job's"):
+        decode_manifest(json.dumps(raw).encode())
+    raw["models"] = {"cnn": raw["models"]["cnn"], "resnet": raw["models"]["cnn"]}  # not a shipped model
+    with pytest.raises(ValidationError):
+        decode_manifest(json.dumps(raw).encode())
+    one = json.loads(manifest().to_json())
+    one["models"] = {"cnn": one["model"]}
+    assert decode_manifest(json.dumps(one).encode()).models == {"cnn": manifest().model}
+    presence = Presence("online", 5, model="cnn-wide")
+    assert decode_presence(presence.to_json()) == presence
+    bad = json.loads(presence.to_json())
+    bad["model"] = "x" * 40
+    with pytest.raises(ValidationError):
+        decode_presence(json.dumps(bad).encode())
+
+
+def test_validator_refuses_a_model_the_job_does_not_allow():
+    v = UpdateValidator("job1", NUM_CLASSES, SPEC, MAX, models=("cnn", "mlp"))
+    blob = tensors_blob()
+    for model, status, reason in [("mlp", "accepted", None), ("cnn", "accepted", None),
+                                  ("cnn-wide", "rejected", "model_not_allowed")]:
+        decision = v.check("dev-a", encode_update(update_header(blob, model=model), blob), window(), now=1e9)
+        assert (decision.status, decision.reason) == (status, reason), model
+    raw = json.loads(update_header(blob).to_json())
+    raw["model"] = "resnet"  # not a model name at all: refused by the header's type
+    envelope = raw_frame(UPDATE_MAGIC, raw, blob)
+    assert v.check("dev-a", envelope, window(), now=1e9).status == "rejected"
+    assert validator().check("dev-a", valid_update(), window(), now=1e9).status == "accepted"  # none named

@@ -54,7 +54,7 @@ from shared.fsutil import sha256_hex
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"jobs", "clients", "rounds", "updates", "model_versions", "artifacts"}
-HEAD = "0003"  # the newest migration
+HEAD = "0004"  # the newest migration
 SHA_A, SHA_B, SHA_C = (sha256_hex(x) for x in (b"a", b"b", b"c"))
 
 

@@ -69,7 +69,7 @@ class DashboardClient(BaseModel):
     last_seen: datetime
     runtime: str | None = Field(description="device_info.runtime: torch or lite")
     runtime_version: str | None = Field(description="the version of that runtime (device_info.<runtime>)")
-    model: str | None = Field(description="the job's model (config.algorithm.model)")
+    model: str | None = Field(description="the model the device says it runs (presence), else the job's default")
     partition_index: int | None
     num_samples: int | None
     state_version: int | None
@@ -167,7 +167,8 @@ def _client(c: Client, model: str | None, rejections: dict[str, int], labels: li
     index = info.get("partition_index")
     return DashboardClient(
         client_id=c.client_id, status=c.status.value, first_seen=c.first_seen, last_seen=c.last_seen,
-        runtime=runtime, runtime_version=_text(info.get(runtime)) if runtime else None, model=model,
+        runtime=runtime, runtime_version=_text(info.get(runtime)) if runtime else None,
+        model=_text(info.get("model")) or model,
         partition_index=index if isinstance(index, int) and not isinstance(index, bool) else None,
         num_samples=c.num_samples, state_version=c.state_version, refused=_text(info.get("refused")),
         round_status=round_status, rejected=sum(rejections.values()), rejections=rejections,
