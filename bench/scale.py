@@ -3,12 +3,13 @@ delivery rate for the same payloads, with the server's peak memory and round-clo
 devices. Writes bench/results/scale.md; its last line printed is one JSON object for the largest run.
 
     python bench/scale.py [--devices 1000,3000,10000] [--db sqlite,postgres] [--mode partial,full]
-                          [--batch 256,1] [--pg-url URL]
+                          [--batch 256,1] [--backlog 1000,0] [--pg-url URL] [--out FILE]
 
 One paho connection publishes the round's N updates (valid FedAvg updates crafted for N device ids; the
 server cannot tell them from N devices) at QoS 1 and collects the acks. "raw" publishes the same payloads
 through the same broker to a plain paho subscriber, in the same run. `--batch` compares the ingest group
-size (FEDGEN_INGEST_BATCH: updates stored per transaction; 1 is one transaction per update).
+size (FEDGEN_INGEST_BATCH: updates stored per transaction; 1 is one transaction per update); `--backlog` the
+server's bound on received, unhandled messages (FEDGEN_MAX_BACKLOG; 0: none, the link reads everything).
 """
 
 from __future__ import annotations
@@ -138,12 +139,13 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str | None, batch: int,
-               workdir: Path) -> dict:
-    job = f"scale-{mode}-{devices}-b{batch}"
+               workdir: Path, backlog: int = 1000) -> dict:
+    job = f"scale-{mode}-{devices}-b{batch}-q{backlog}"
     config = job_config(job, devices, mode)
     ids = [f"d{i:06d}" for i in range(devices)]
     items, size = crafted_updates(config, ids)
     os.environ["FEDGEN_INGEST_BATCH"] = str(batch)
+    os.environ["FEDGEN_MAX_BACKLOG"] = str(backlog)
     fleet = Fleet(FleetConfig(clients=0, broker_url=broker_url, db_url=db_url, workdir=workdir / job,
                               progress=False))
     raw = Collector(port, f"bench-{job}")
@@ -176,7 +178,8 @@ def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str 
             time.sleep(0.5)
         close_s = (np.datetime64(rnd["closed_at"]) - np.datetime64(rnd["started_at"])) / np.timedelta64(1, "s") \
             if rnd["closed_at"] else float("nan")
-        return {"devices": devices, "mode": mode, "batch": batch, "payload_bytes": size, "seconds": elapsed,
+        return {"devices": devices, "mode": mode, "batch": batch, "backlog": backlog, "payload_bytes": size,
+                "seconds": elapsed,
                 "server_per_s": devices / elapsed, "accepted": statuses.count("accepted"),
                 "lost": devices - len(raw.keys), "duplicated": sum(len(v) - 1 for v in raw.keys.values()),
                 "num_updates": rnd["num_updates"], "round_status": rnd["status"],
@@ -195,6 +198,7 @@ def main() -> int:
                                                            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--mode", default="partial", help="partial (theta^p uploads), full, or both")
     parser.add_argument("--batch", default="256,1", help="FEDGEN_INGEST_BATCH values to compare")
+    parser.add_argument("--backlog", default="1000", help="FEDGEN_MAX_BACKLOG values to compare (0: unbounded)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedgen-scale"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.md")
     args = parser.parse_args()
@@ -208,19 +212,22 @@ def main() -> int:
                 raw = raw_rate(broker.port, items)
                 for db in args.db.split(","):
                     for batch in (int(b) for b in args.batch.split(",")):
-                        db_url = None
-                        if db == "postgres":
-                            db_url = fresh_postgres(args.pg_url, f"fedgen_scale_{mode}_{devices}_{batch}")
-                        row = server_run(broker.url, broker.port, devices, mode, db_url, batch, args.workdir / db)
-                        row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                        for backlog in (int(q) for q in args.backlog.split(",")):
+                            db_url = None
+                            if db == "postgres":
+                                db_url = fresh_postgres(args.pg_url,
+                                                        f"fedgen_scale_{mode}_{devices}_{batch}_{backlog}")
+                            row = server_run(broker.url, broker.port, devices, mode, db_url, batch,
+                                             args.workdir / db, backlog)
+                            row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
     finally:
         broker.stop()
     write_report(rows, args)
     largest = max(rows, key=lambda r: (r["devices"], r["batch"], r["db"] == "sqlite", r["mode"] == "full"))
     print(json.dumps({k: largest[k] for k in ("devices", "server_per_s", "raw_per_s", "ratio", "lost",
-                                              "duplicated", "peak_rss_mib", "batch", "mode", "db")}))
+                                              "duplicated", "peak_rss_mib", "batch", "backlog", "mode", "db")}))
     return 0
 
 
@@ -239,15 +246,18 @@ def fresh_postgres(url: str, name: str) -> str:
 def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     lines = ["# Ingest at scale: the server against raw Mosquitto", "",
              f"`python bench/scale.py --devices {args.devices} --db {args.db} --mode {args.mode} --batch "
-             f"{args.batch}` on {platform.machine()} ({os.cpu_count()} cores), Python {platform.python_version()}. "
+             f"{args.batch} --backlog {args.backlog}` on {platform.machine()} ({os.cpu_count()} cores), Python "
+             f"{platform.python_version()}. "
              "One publisher, QoS 1; raw: the same payloads to a plain paho subscriber through the same broker, "
              "in the same run. Server: accepted and acknowledged updates per second, from the first publish to "
              "the last ack; peak RSS of the server process (VmHWM). A shared, noisy machine: compare the rows of "
              "one run.", "",
-             "| mode | database | devices | payload (B) | ingest batch | server (upd/s) | raw (msg/s) | server / raw "
-             "| lost | duplicated | accepted | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | database | devices | payload (B) | ingest batch | max backlog | server (upd/s) | raw (msg/s) "
+             "| server / raw | lost | duplicated | accepted | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['db']} | {r['devices']:,} | {r['payload_bytes']:,} | {r['batch']} | "
+                     f"{r['backlog'] or 'none'} | "
                      f"{r['server_per_s']:.0f} | "
                      f"{r['raw_per_s']:.0f} | {r['ratio']:.3f} | {r['lost']} | {r['duplicated']} | {r['accepted']:,} | "
                      f"{r['peak_rss_mib']:.0f} |")

@@ -62,7 +62,8 @@ def run_server(settings: ServerSettings, job_file: Path | None = None, shared_su
     password = settings.broker_password.get_secret_value() if settings.broker_password else None
     link = MqttLink(settings.broker_url, settings.client_id, clean_session=False,
                     username=settings.broker_username, password=password,
-                    tls_ca=str(settings.broker_tls_ca) if settings.broker_tls_ca else None)
+                    tls_ca=str(settings.broker_tls_ca) if settings.broker_tls_ca else None,
+                    max_backlog=settings.max_backlog or None)
     ctx = ServerContext(factory, store, link, settings.max_upload_bytes,
                         str(settings.data_dir) if settings.data_dir else None, settings.partition_release_s)
     ctx.db_healthy.set()

@@ -73,6 +73,9 @@ class ServerSettings(BaseSettings):
     client_id: str = Field(default="fedgen-server", pattern=ID_REGEX)
     ingest_group: SecretStr | None = None
     partition_release_s: float = Field(default=600.0, ge=0, le=10**7)
+    # messages the broker has delivered and the server not yet handled, at most (about: Mosquitto may add one
+    # in-flight window); the broker holds the rest (docs/scaling.md, "A bounded inbox"). 0: unbounded
+    max_backlog: int = Field(default=1000, ge=0, le=10**6)
 
     @field_validator("database_url")
     @classmethod

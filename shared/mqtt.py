@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -19,6 +19,7 @@ log = logging.getLogger("fedgen.mqtt")
 FAILURE_LOG_INTERVAL_S = 60.0  # the same connection failure is logged at most once per interval
 KICK_WINDOW_S = 60.0  # this many short-lived connections within this window: another client has our id
 KICKS = 3
+PAUSED_READ_SLEEP_S = 0.005  # while a link's backlog is full, its network thread checks again this often
 
 
 def client_certificate_name(certfile: str, keyfile: str) -> str:
@@ -82,6 +83,64 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+    # a link with a bounded backlog (`max_backlog`) counts the message until `done()`: the owner calls it when
+    # it has handled the message
+    on_done: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def done(self) -> None:
+        """The message has been handled (a no-op unless the link paces its acknowledgements)."""
+        if self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done()
+
+
+class Backlog:
+    """Messages received and not yet handled (`Message.done`), with a bound: while it is full the link stops
+    reading its socket, so the broker holds what would otherwise pile up in memory (TCP flow control: the
+    broker's send buffer fills, then its queue for this session). Deliveries are acknowledged on receipt
+    (paho), as without a bound: what was read and acknowledged waits in memory, at most `limit` (+1, the
+    packet being read) messages.
+
+    The bound is exceeded only while the link's owner waits for the broker to acknowledge one of its own
+    publishes (MqttLink.publish with `wait`): that acknowledgement arrives on the same socket, so the link
+    reads on meanwhile. Acknowledgements alone cannot bound the backlog on Mosquitto 2.0.11: it does not
+    enforce its in-flight window after the first PUBACK (docs/scaling.md, "A bounded inbox")."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.count = 0
+        self.peak = 0
+
+    def received(self) -> Callable[[], None]:
+        with self._lock:
+            self.count += 1
+            self.peak = max(self.peak, self.count)
+        return self._done
+
+    def _done(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+
+class _PausableClient(paho.Client):
+    """paho's client, whose network thread skips reading the socket while `pause()` says so (it keeps
+    writing: acknowledgements, publishes, pings). A pause longer than the keepalive ends in paho's ping timeout
+    and a reconnection; the broker then redelivers what it had sent and not had acknowledged."""
+
+    def __init__(self, *args, pause: Callable[[], bool], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pause = pause
+
+    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+        if self._pause():
+            time.sleep(PAUSED_READ_SLEEP_S)  # the socket stays readable: do not spin on select()
+            return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super().loop_read(max_packets)
 
 
 class MqttLink:
@@ -92,7 +151,7 @@ class MqttLink:
     def __init__(self, url: str, client_id: str, *, clean_session: bool = False, username: str | None = None,
                  password: str | None = None, tls_ca: str | None = None,
                  tls_cert: tuple[str, str] | None = None, keepalive: int = 30,
-                 will: tuple[str, bytes] | None = None):
+                 will: tuple[str, bytes] | None = None, max_backlog: int | None = None):
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.inbox: queue.Queue[Message] = queue.Queue()
@@ -104,8 +163,11 @@ class MqttLink:
         self.last_error: str | None = None
         self._failures = 0  # failed attempts since the last successful connection
         self._reported: tuple[str, float] | None = None  # last failure logged and when (rate limit)
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
-                             protocol=paho.MQTTv311)
+        # max_backlog: at most this many received messages not yet handled (Message.done); None: no bound
+        self.backlog = Backlog(max_backlog) if max_backlog is not None else None
+        self._awaiting = 0  # publishes whose PUBACK a caller waits for: reading must go on for them
+        client = _PausableClient(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 clean_session=clean_session, protocol=paho.MQTTv311, pause=self._pause_reading)
         client.max_queued_messages_set(0)  # unbounded: QoS 1 publishes made while offline are never dropped
         client.max_inflight_messages_set(50)
         client.reconnect_delay_set(min_delay=1, max_delay=15)
@@ -174,12 +236,22 @@ class MqttLink:
         # its PUBACK (on_publish) is what counts. Ids wrap at 65535, so only an ack newer than this call counts.
         deadline = started + wait
         with self._acks:
-            while self._acked.get(info.mid, -1.0) < started:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._acks.wait(remaining)
+            self._awaiting += 1
+            try:
+                while self._acked.get(info.mid, -1.0) < started:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._acks.wait(remaining)
+            finally:
+                self._awaiting -= 1
         return True
+
+    def _pause_reading(self) -> bool:
+        """Whether the network thread should leave the socket unread for now: the backlog is full and nobody
+        waits for a PUBACK (which only reading brings; the owner that would drain the backlog may be the one
+        waiting, so pausing then could stall both for good)."""
+        return self.backlog is not None and self.backlog.full and not self._awaiting
 
     def clear_retained(self, topic: str) -> None:
         self._client.publish(topic, b"", qos=1, retain=True)
@@ -250,4 +322,5 @@ class MqttLink:
             self._acks.notify_all()
 
     def _handle_message(self, client, userdata, msg) -> None:
-        self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        on_done = self.backlog.received() if self.backlog is not None else None
+        self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain), on_done))

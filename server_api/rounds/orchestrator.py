@@ -80,10 +80,15 @@ class Orchestrator:
                 continue
             job_id = job_of(msg.topic)
             if job_id is None:
+                msg.done()
                 continue
             with self._lock:
                 worker = self.workers.get(job_id)
             if worker is not None and worker.is_alive():
                 worker.inbox.put(msg)
-            elif msg.topic.endswith("/update"):
+                if not worker.is_alive():  # it ended meanwhile: nobody will handle what it still holds
+                    worker.drain()
+                continue
+            msg.done()
+            if msg.topic.endswith("/update"):
                 log.warning("update on %s for a job that is not running; ignored", msg.topic[:200])

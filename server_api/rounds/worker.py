@@ -89,9 +89,20 @@ class JobWorker(threading.Thread):
         except Exception as exc:  # record why the job stopped; the server keeps serving other jobs
             log.exception("job %s failed", self.job_id)
             self._fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.drain()
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def drain(self) -> None:
+        """Mark every message still queued for this worker handled (it will not handle them): a link that
+        paces its broker acknowledgements (`shared.mqtt.AckPacer`) must not wait for them."""
+        while True:
+            try:
+                self.inbox.get_nowait().done()
+            except queue.Empty:
+                return
 
     def _run(self) -> None:
         job = self.state.job()
@@ -266,7 +277,11 @@ class JobWorker(threading.Thread):
                     batch.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            self._handle_many(batch)
+            try:
+                self._handle_many(batch)
+            finally:
+                for msg in batch:
+                    msg.done()
             if (until is not None and until()) or (time.monotonic() >= end and self.inbox.empty()):
                 return
 
@@ -282,7 +297,10 @@ class JobWorker(threading.Thread):
         metrics.REFUSED.labels(self.job_id, reason).inc()
 
     def _handle(self, msg: Message) -> None:
-        self._handle_many([msg])
+        try:
+            self._handle_many([msg])
+        finally:
+            msg.done()
 
     def _handle_many(self, batch: list[Message]) -> None:
         """Messages in arrival order; consecutive updates go to the intake together (one transaction for the
