@@ -19,6 +19,7 @@ AggregationName = Literal["mean", "median", "trimmed_mean"]
 ALGORITHMS: tuple[str, ...] = get_args(AlgorithmName)
 MODELS: tuple[str, ...] = get_args(ModelName)
 DEFAULT_MODEL = "cnn"
+COEFFICIENT_DECAY, PARTIAL_COEFFICIENT_DECAY = 0.98, 0.99  # per-round decay of alpha_t, beta_t (Eq. 5)
 AGGREGATIONS: tuple[str, ...] = get_args(AggregationName)
 
 
@@ -55,7 +56,9 @@ class AlgorithmConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     gen_batch_size: BatchSize = 32  # generated samples per local step
     generative_alpha: Weight = 10.0  # weight of CE(h(G(y_hat)), y_hat), x coefficient_decay ** round
     generative_beta: Weight = 10.0  # weight of KL(softmax(h(G(y))) || f(x)), x coefficient_decay ** round
-    coefficient_decay: Decay = 0.98
+    # None: 0.98 (the reference's), with partial sharing 0.99: chosen on validation (bench/results/selection.md);
+    # filled in when the config is made, so stored configs and manifests carry the value
+    coefficient_decay: Decay | None = None
     coefficient_floor: Weight = 1e-4
     # server, FedGen (Eq. 4)
     generator_steps: _int(1, 10_000) = 50  # Adam steps per round
@@ -72,6 +75,9 @@ class AlgorithmConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     generator_hidden: _int(1, 4096) = 256
 
     def __post_init__(self) -> None:
+        if self.coefficient_decay is None:
+            msgspec.structs.force_setattr(self, "coefficient_decay", PARTIAL_COEFFICIENT_DECAY if self.partial
+                                          else COEFFICIENT_DECAY)
         if self.models is msgspec.UNSET:
             return
         if not self.models or len(set(self.models)) != len(self.models):

@@ -79,6 +79,18 @@ def test_alpha_and_beta_schedules():
     assert cfg.client_lr(2) == pytest.approx(0.01 * 0.99**2)
 
 
+def test_the_coefficient_decay_defaults_to_the_validated_value_of_each_mode():
+    """0.98 (the reference's) with full sharing, 0.99 with partial sharing (chosen on validation), written
+    into the config so that a stored job or a manifest keeps the value; an explicit one always wins."""
+    full, partial = AlgorithmConfig(), AlgorithmConfig(partial=True)
+    assert (full.coefficient_decay, partial.coefficient_decay) == (0.98, 0.99)
+    assert partial.generative_weights(10) == (pytest.approx(10 * 0.99**10),) * 2
+    assert AlgorithmConfig(partial=True, coefficient_decay=0.98).coefficient_decay == 0.98
+    stored = AlgorithmConfig.from_dict(partial.to_dict())
+    assert stored.to_dict()["coefficient_decay"] == 0.99 and stored == partial
+    assert AlgorithmConfig.from_dict({"partial": True}).coefficient_decay == 0.99
+
+
 def test_kl_term_is_kl_of_the_generator_target_from_the_model():
     """beta * KL(P || Q) with P = softmax(h(G(y))) (the target, no gradient) and Q = softmax(f(x)), batchmean."""
     model = build_model("mlp", (1, 2, 2), 2)
