@@ -47,14 +47,16 @@ NOTES = """
 
 - **Targets.** FedGen beats FedAvg by at least 3 points in final-round accuracy at alpha 0.05 and 0.1 with full
   sharing (met: +3.81 and +3.38, every seed above +2.9). With partial sharing at alpha 0.1 the aim was at least
-  5 points (the paper: 65.42 vs 58.39, top-5): **not met**, +4.59 (+4.53 to +4.63 on the three seeds). The
-  curves show where the gap goes: FedGen's partial-sharing accuracy is near its plateau (0.65) by round 60,
-  when it leads FedAvg by 8.6 points (13.9 at round 20); FedAvg keeps climbing slowly and narrows the gap to
-  4.6 by round 200.
-- **What was tried.** One configuration: the reference code's hyper-parameters with the decisions in
-  docs/algorithm.md, fixed before the runs. Nothing was tuned, on the test split or otherwise; a search for a
-  better partial-sharing setting (e.g. the generator term weights) would need a validation split that the
-  reference protocol does not have, and is left open.
+  5 points: met, +5.23 (+5.03 to +5.56 on the three seeds; best-5 66.30 vs 60.71, +5.59, where the paper has
+  65.42 vs 58.39, +7.03). The partial FedGen rows use the generator-term decay 0.99 chosen on validation (below);
+  with the reference's 0.98 (runs kept as `paper_table_runs/fedgen-partial-decay0.98-*`) the gain was +4.59 at
+  alpha 0.1 and +3.01 at alpha 1 (now +3.11). FedGen's partial-sharing accuracy is near its plateau by round 60;
+  FedAvg keeps climbing slowly and narrows the gap until round 200.
+- **What was tried.** The reference code's hyper-parameters with the decisions in docs/algorithm.md, fixed
+  before the runs; then three choices made on a validation split held out of the users' training images, never
+  on this table's test split (bench/results/selection.md): the label weighting, FedProx's mu, and, for partial
+  sharing, the decay of the generator terms (0.98, 0.99 or 1.0, on the class-balanced validation accuracy).
+  Nothing else was searched.
 - **Against the paper.** Absolute numbers are higher than the published ones for every algorithm because local
   data are shuffled here; the published Table 1 came from code that trained on label-sorted, unshuffled local
   data, which hurts FedAvg most. With shuffling the authors re-ran MNIST alpha 0.1 and reported FedAvg
@@ -69,12 +71,15 @@ NOTES = """
   about FedAvg, slightly below). Weight decay, which the reference's FedProx optimiser also applies, is not used
   (docs/algorithm.md, FedProx).
 - **Choices made on validation.** The label weighting of the generator's teacher term (`counts`, the default,
-  against the reference's `proportions` + 1: indistinguishable, 96.75 % mean validation accuracy both) and
-  FedProx's mu (above) were chosen on a validation split before this table was read (bench/results/selection.md);
-  the test split decided nothing. The partial-sharing generator weights are not chosen yet: in partial sharing a
-  user's validation images follow its own label distribution while its test split gives every class it holds
-  an equal share, so validation accuracy (97 %) and test accuracy (67 %) measure different things there.
-- **Code.** The runs were made with the commit that first added this script (425bb53); later commits changed
+  against the reference's `proportions` + 1: indistinguishable, 96.75 % mean validation accuracy both),
+  FedProx's mu (above) and partial sharing's generator-term decay were chosen on a validation split before this
+  table was read (bench/results/selection.md); the test split decided nothing. For partial sharing the plain
+  validation accuracy is no guide (a user's validation images follow its own label distribution while its test
+  split gives every class it holds an equal share: 97 % against 67 %), so that choice was made on the
+  class-balanced validation accuracy (each (user, class) pair weighs alike, as in the test split): 0.99 scored
+  83.62 %, 1.0 83.41 %, the reference's 0.98 82.56 %, 0.99 ahead of 0.98 on every seed.
+- **Code.** The runs were made with the commit that first added this script (425bb53; the partial FedGen rows
+  in December 2026 with decay 0.99); later commits changed
   the order in which the server feeds clients' predictors to the generator (sorted by id) and the ONNX export,
   which change floating-point summation order, not the algorithm (so does the batched teacher term of
   December 2026, which runs all predictors in one vmap call). Re-running the script reproduces the table
