@@ -120,6 +120,12 @@ def report(runs_dir: Path, seeds: list[int], rounds: int, machine: str) -> list[
                  for a in ALGORITHMS}
         lines += ["", f"Whole mixed fleet: FedGen {_mean_std(whole['fedgen'])}, FedAvg {_mean_std(whole['fedavg'])} "
                   "(runs per cell in parentheses above; differences are paired by seed).", ""]
+    decays = sorted({r["config"]["algorithm"]["coefficient_decay"] for f in FLEETS for a in ALGORITHMS
+                     for alpha in ALPHAS for r in _load(runs_dir, f, a, alpha, seeds, rounds)})
+    if decays:
+        lines += [f"FedGen's generator-term decay in these runs: {', '.join(map(str, decays))} (each run's config "
+                  "records it; partial sharing's default became 0.99 after these runs, chosen on validation: "
+                  "bench/results/selection.md).", ""]
     if gains and costs:
         wins = sum(g > 0 for g in gains)
         lines += ["## Summary", "",
