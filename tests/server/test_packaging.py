@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.algorithm.config import MODELS as MODEL_NAMES
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -69,7 +71,10 @@ def test_the_wheel_carries_the_shipped_onnx_graphs(wheel_env: Path):
     where, names = json.loads(out)
     assert wheel_env in Path(where).parents
     assert names == sorted(p.name for p in (REPO / "shared" / "protocol" / "onnx_templates").glob("*.onnx"))
-    assert len(names) == 4
+    # one split-classifier graph per shipped model, the predictor-only graph and the generator
+    assert sum(n.startswith("splitclassifier-") for n in names) == len(MODEL_NAMES)
+    assert sum(n.startswith("_predictoronly-") for n in names) == 1
+    assert sum(n.startswith("generator-") for n in names) == 1
 
 
 def test_fedgen_server_from_the_wheel_migrates_and_answers_health(wheel_env: Path, tmp_path: Path):
