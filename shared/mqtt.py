@@ -142,6 +142,14 @@ class _PausableClient(paho.Client):
             return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
         return super().loop_read(max_packets)
 
+    def _packet_read(self) -> paho.MQTTErrorCode:
+        """paho's loop_read reads as many packets per wake-up as this client has publishes awaiting their
+        PUBACK (thousands while the server answers a burst): the pause is checked before each one. Leaving a
+        packet half read is safe: paho keeps the partial packet and the next call goes on with it."""
+        if self._pause():
+            return paho.MQTTErrorCode.MQTT_ERR_AGAIN
+        return super()._packet_read()
+
 
 class MqttLink:
     """One MQTT connection that survives broker restarts: subscriptions are renewed on every (re)connect,
