@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO
 
 import numpy as np
 import torch
@@ -104,28 +107,119 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 
 
 
-def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Coordinate-wise median (as Flower's FedMedian; unweighted). For an even count, the mean of the two
-    middle values."""
+def median_of_columns(x: torch.Tensor) -> torch.Tensor:
+    """Median of each column of a (clients, coordinates) float64 matrix; for an even count, the mean of the
+    two middle values."""
+    return torch.quantile(x, 0.5, dim=0)
+
+
+def trimmed_mean_of_columns(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Mean of each column after dropping its `ratio` largest and smallest values."""
+    if not 0 <= ratio < 0.5:
+        raise ValueError("trim ratio must be in [0, 0.5)")
+    cut = int(ratio * x.shape[0])
+    return torch.sort(x, dim=0).values[cut:x.shape[0] - cut].mean(dim=0)
+
+
+def _by_coordinate(updates: Sequence[Mapping[str, torch.Tensor]],
+                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     if not updates:
         raise ValueError("no updates to aggregate")
-    return {k: torch.quantile(torch.stack([u[k].double() for u in updates]), 0.5, dim=0).to(updates[0][k].dtype)
-            for k in updates[0]}
+    return {k: reduce(torch.stack([u[k].double() for u in updates]).reshape(len(updates), -1))
+            .reshape(updates[0][k].shape)
+            .to(updates[0][k].dtype) for k in updates[0]}
+
+
+def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (as Flower's FedMedian; unweighted), of updates held in memory; a round's
+    updates go through `SpilledUpdates` instead."""
+    return _by_coordinate(updates, median_of_columns)
 
 
 def trimmed_mean(updates: Sequence[Mapping[str, torch.Tensor]], ratio: float) -> dict[str, torch.Tensor]:
     """Coordinate-wise mean after dropping the `ratio` largest and smallest values of each coordinate
-    (as Flower's FedTrimmedAvg; unweighted)."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
+    (as Flower's FedTrimmedAvg; unweighted), of updates held in memory."""
     if not 0 <= ratio < 0.5:
         raise ValueError("trim ratio must be in [0, 0.5)")
-    cut = int(ratio * len(updates))
-    out = {}
-    for k in updates[0]:
-        ordered = torch.sort(torch.stack([u[k].double() for u in updates]), dim=0).values
-        out[k] = ordered[cut:len(updates) - cut].mean(dim=0).to(updates[0][k].dtype)
-    return out
+    return _by_coordinate(updates, lambda x: trimmed_mean_of_columns(x, ratio))
+
+
+ROBUST_CHUNK_BYTES = 64 * 2**20  # float64 working set of one column chunk of the robust rules
+
+
+class SpilledUpdates:
+    """A round's updates for the robust rules, which need all of them: one row per update in an unnamed
+    temporary file (deleted when closed or when the process ends), reduced column chunk by column chunk.
+
+    Memory: while adding, one update; while reducing, a chunk of K x C values with C = ROBUST_CHUNK_BYTES /
+    (8 K) coordinates (64 MiB of float64 whatever the number of clients K; with its float32 read and the sort
+    or quantile's copies about 4 x that), plus the result (one model in float64). Disk: K x the model
+    in float32 (float64 if a key is), in the directory `tempfile` picks (TMPDIR)."""
+
+    def __init__(self, directory: str | None = None, chunk_bytes: int = ROBUST_CHUNK_BYTES):
+        self._directory = directory
+        self._chunk_bytes = chunk_bytes
+        self._file: IO[bytes] | None = None
+        self._layout: list[tuple[str, torch.Size, torch.dtype]] = []
+        self._dtype = np.dtype(np.float32)
+        self.count = 0
+
+    @property
+    def width(self) -> int:
+        return sum(math.prod(shape) for _, shape, _ in self._layout)
+
+    def add(self, update: Mapping[str, torch.Tensor]) -> None:
+        if self._file is None:
+            self._layout = [(k, v.shape, v.dtype) for k, v in update.items()]
+            if any(dtype == torch.float64 for _, _, dtype in self._layout):
+                self._dtype = np.dtype(np.float64)
+            self._file = tempfile.TemporaryFile(dir=self._directory)
+        elif len(update) != len(self._layout) or any(k not in update or update[k].shape != shape
+                                                     for k, shape, _ in self._layout):
+            raise ValueError("update keys or shapes differ from earlier updates in this round")
+        row = np.concatenate([update[k].detach().cpu().reshape(-1).to(torch.float64).numpy()
+                              for k, _, _ in self._layout])  # in the first update's key order
+        self._file.write(row.astype(self._dtype).tobytes())
+        self.count += 1
+
+    def reduce(self, columns: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`columns` (a (K, C) float64 matrix -> its C per-coordinate results) applied chunk by chunk."""
+        if not self.count:
+            raise ValueError("no updates to aggregate")
+        assert self._file is not None
+        self._file.flush()
+        width = self.width
+        step = max(1, self._chunk_bytes // (8 * self.count))
+        out = np.empty(width, dtype=np.float64)
+        for start in range(0, width, step):
+            chunk = self._columns(start, min(width, start + step))
+            out[start:start + step] = columns(torch.from_numpy(chunk.astype(np.float64))).numpy()
+        result, offset = {}, 0
+        for key, shape, dtype in self._layout:
+            size = math.prod(shape)
+            result[key] = torch.from_numpy(out[offset:offset + size].copy()).reshape(shape).to(dtype)
+            offset += size
+        return result
+
+    def _columns(self, start: int, stop: int) -> np.ndarray:
+        """Coordinates [start, stop) of every update, read row by row with pread: a memory map of the file
+        would count each row's surrounding pages as resident (the kernel maps 64 KiB around a fault), about
+        the whole file for rows this short."""
+        assert self._file is not None
+        item = self._dtype.itemsize
+        block = np.empty((self.count, stop - start), dtype=self._dtype)
+        rows = memoryview(block).cast("B")
+        size, row_bytes = (stop - start) * item, self.width * item
+        fd = self._file.fileno()
+        for r in range(self.count):
+            if os.preadv(fd, [rows[r * size:(r + 1) * size]], r * row_bytes + start * item) != size:
+                raise OSError(f"short read from the spilled updates (row {r})")
+        return block
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class LabelPrior:

@@ -61,9 +61,22 @@ def make_generator_optimizer(generator: Generator, cfg: AlgorithmConfig) -> torc
                             weight_decay=cfg.generator_weight_decay)
 
 
-def stack_predictors(client_states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+@dataclass
+class StackedPredictors:
+    """The clients' theta^p already stacked: one tensor per parameter (the 'predictor.' prefix removed),
+    clients along dim 0 (what `RoundAccumulator.stacked_predictors` gives)."""
+
+    params: dict[str, torch.Tensor]
+
+
+def stack_predictors(client_states: Sequence[Mapping[str, torch.Tensor]] | StackedPredictors
+                     ) -> dict[str, torch.Tensor]:
     """The clients' theta^p as one tensor per parameter, clients along dim 0 (detached: no gradient)."""
+    if isinstance(client_states, StackedPredictors):
+        return {name: t.detach() for name, t in client_states.params.items()}
     thetas = [predictor_params(s) for s in client_states]
+    if not thetas:
+        return {}
     return {name: torch.stack([t[name].detach() for t in thetas]) for name in thetas[0]}
 
 
@@ -77,7 +90,7 @@ def train_generator(
     generator: Generator,
     optimizer: torch.optim.Optimizer,
     predictor: nn.Module,
-    client_states: Sequence[Mapping[str, torch.Tensor]],
+    client_states: Sequence[Mapping[str, torch.Tensor]] | StackedPredictors,
     label_counts: np.ndarray,
     cfg: AlgorithmConfig,
     round_idx: int,
@@ -92,13 +105,13 @@ def train_generator(
     client's theta^p is applied to it functionally, so the predictors receive no gradient.
     """
     counts = np.asarray(label_counts)
-    if len(client_states) != len(counts) or not len(counts):
+    stacked = stack_predictors(client_states)
+    if not len(counts) or not stacked or any(len(t) != len(counts) for t in stacked.values()):
         raise ValueError("need one label-count row per client state, and at least one client")
     available = torch.as_tensor(np.flatnonzero(counts.sum(axis=0) > 0))
     weights = label_weights(counts, proportions or cfg.label_weighting == "proportions", cfg.label_smoothing,
                             cfg.local_steps * cfg.batch_size)
     weights = torch.as_tensor(weights, dtype=torch.float32)  # K x C
-    stacked = stack_predictors(client_states)
     for group in optimizer.param_groups:
         group["lr"] = cfg.generator_lr_at(round_idx)
     generator.train()

@@ -17,15 +17,53 @@ import torch
 from shared.algorithm.aggregate import (
     LabelPrior,
     RunningWeightedMean,
-    coordinate_median,
+    SpilledUpdates,
+    median_of_columns,
     outlying,
     robust_label_counts,
-    trimmed_mean,
+    trimmed_mean_of_columns,
 )
 from shared.algorithm.config import AGGREGATIONS, AlgorithmConfig, derive_seed
-from shared.algorithm.distill import GeneratorStats, make_generator, make_generator_optimizer, train_generator
-from shared.algorithm.models import SplitClassifier, build_model, clone_state, is_predictor_key, shared_keys
+from shared.algorithm.distill import (
+    GeneratorStats,
+    StackedPredictors,
+    make_generator,
+    make_generator_optimizer,
+    train_generator,
+)
+from shared.algorithm.models import (
+    PREDICTOR_PREFIX,
+    SplitClassifier,
+    build_model,
+    clone_state,
+    is_predictor_key,
+    shared_keys,
+)
 from shared.algorithm.schedule import LatentSampler
+
+
+class RowBlocks:
+    """Equal-shaped rows appended one at a time into blocks of `block` rows: a few large allocations rather
+    than one small one per client, which glibc's heap could not give back between a burst's transient
+    buffers (10,000 small per-client tensors held ~270 MB of freed memory; bench/results/robust_memory.md)."""
+
+    def __init__(self, block: int = 4096):
+        self.block = block
+        self._blocks: list[np.ndarray] = []
+        self.count = 0
+
+    def append(self, row: np.ndarray) -> None:
+        if self._blocks and row.shape != self._blocks[0].shape[1:]:
+            raise ValueError(f"row of shape {row.shape}, earlier rows {self._blocks[0].shape[1:]}")
+        if self.count % self.block == 0:
+            self._blocks.append(np.empty((self.block, *row.shape), dtype=row.dtype))
+        self._blocks[-1][self.count % self.block] = row
+        self.count += 1
+
+    def take(self, rows: list[int]) -> np.ndarray:
+        """The given rows, in that order, as one array (a copy)."""
+        index = np.asarray(rows, dtype=np.int64)
+        return np.concatenate(self._blocks)[index] if len(self._blocks) > 1 else self._blocks[0][index]
 
 
 @dataclass
@@ -33,8 +71,9 @@ class RoundAccumulator:
     """Accepted updates of one round.
 
     `mean` (the default, sample-weighted) keeps only a running sum, so memory does not grow with the number
-    of clients; the robust rules `median` and `trimmed_mean` need every update and keep them all. FedGen's
-    generator additionally needs each client's theta^p and label counts, kept here (small).
+    of clients; the robust rules `median` and `trimmed_mean` need every update and keep them all, on disk
+    (`SpilledUpdates`: memory bounded whatever the number of clients). FedGen's generator additionally needs
+    each client's theta^p and label counts, kept here in blocks of rows (K x (|theta^p| + classes) numbers).
     Clients are identified so that the generator sees them in a fixed order (sorted by id) whatever the
     order of arrival.
     """
@@ -42,10 +81,12 @@ class RoundAccumulator:
     mode: str = "mean"
     trim_ratio: float = 0.1
     aggregate: RunningWeightedMean = field(default_factory=RunningWeightedMean)
-    uploads: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    predictors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    label_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    uploads: SpilledUpdates = field(default_factory=SpilledUpdates)
     num_samples: int = 0
+    _rows: dict[str, int] = field(default_factory=dict)  # client -> its row in the blocks below
+    _predictors: RowBlocks = field(default_factory=RowBlocks)  # theta^p flattened, keys sorted
+    _predictor_layout: list[tuple[str, torch.Size]] = field(default_factory=list)
+    _label_counts: RowBlocks = field(default_factory=RowBlocks)
 
     def __post_init__(self) -> None:
         if self.mode not in AGGREGATIONS:
@@ -55,20 +96,50 @@ class RoundAccumulator:
             client: str | int | None = None, weight: float | None = None) -> None:
         """One client's update; its weight in the mean is its sample count unless `weight` says otherwise."""
         key = str(client) if client is not None else f"#{self.count:06d}"
-        if key in self.predictors:
+        if key in self._rows:
             raise ValueError(f"client {key} already contributed to this round")
         upload = {k: torch.as_tensor(v) for k, v in upload.items()}
+        predictor = sorted((k, v) for k, v in upload.items() if is_predictor_key(k))
+        layout = [(k, v.shape) for k, v in predictor]
+        if self._rows and layout != self._predictor_layout:
+            raise ValueError("theta^p keys or shapes differ from earlier updates in this round")
         if self.mode == "mean":
             self.aggregate.add(upload, float(num_samples if weight is None else weight))
         else:
-            self.uploads.append({k: v.detach().clone() for k, v in upload.items()})
-        self.predictors[key] = {k: v.detach().clone() for k, v in upload.items() if is_predictor_key(k)}
-        self.label_counts[key] = np.asarray(label_counts, dtype=np.int64)
+            self.uploads.add(upload)
+        self._predictor_layout = layout
+        self._predictors.append(np.concatenate([v.detach().cpu().reshape(-1).float().numpy() for _, v in predictor])
+                                if predictor else np.zeros(0, dtype=np.float32))
+        self._label_counts.append(np.asarray(label_counts, dtype=np.int64))
+        self._rows[key] = len(self._rows)
         self.num_samples += int(num_samples)
 
     @property
     def count(self) -> int:
-        return len(self.predictors)
+        return len(self._rows)
+
+    @property
+    def clients(self) -> list[str]:
+        """The clients of the round, sorted by id (the order the generator sees them in)."""
+        return sorted(self._rows)
+
+    def label_counts(self, clients: list[str]) -> np.ndarray:
+        """clients x classes, in the given order."""
+        return self._label_counts.take([self._rows[c] for c in clients])
+
+    def predictor_vectors(self, clients: list[str]) -> torch.Tensor:
+        """clients x |theta^p|: each client's theta^p flattened, keys sorted."""
+        return torch.from_numpy(self._predictors.take([self._rows[c] for c in clients]))
+
+    def stacked_predictors(self, clients: list[str]) -> dict[str, torch.Tensor]:
+        """Each theta^p parameter (the 'predictor.' prefix removed) with the clients along dim 0, as
+        `train_generator` takes them."""
+        vectors, out, offset = self.predictor_vectors(clients), {}, 0
+        for key, shape in self._predictor_layout:
+            size = shape.numel()
+            out[key[len(PREDICTOR_PREFIX):]] = vectors[:, offset:offset + size].reshape(len(clients), *shape)
+            offset += size
+        return out
 
     @property
     def robust(self) -> bool:
@@ -78,8 +149,12 @@ class RoundAccumulator:
         if self.mode == "mean":
             return self.aggregate.result()
         if self.mode == "median":
-            return coordinate_median(self.uploads)
-        return trimmed_mean(self.uploads, self.trim_ratio)
+            return self.uploads.reduce(median_of_columns)
+        return self.uploads.reduce(lambda x: trimmed_mean_of_columns(x, self.trim_ratio))
+
+    def close(self) -> None:
+        """Let go of the spilled updates (also done when the accumulator is garbage-collected)."""
+        self.uploads.close()
 
 
 class GlobalState:
@@ -133,22 +208,20 @@ class GlobalState:
         aggregation"): the prior takes each client's counts rescaled to the round's median total, the teacher
         weights come from label proportions, and outlying predictors teach nothing."""
         self.state.update(acc.result())
-        clients = sorted(acc.predictors)
-        counts = [acc.label_counts[c] for c in clients]
-        for row in robust_label_counts(counts) if acc.robust else counts:
+        clients = acc.clients
+        counts = acc.label_counts(clients)
+        for row in robust_label_counts(list(counts)) if acc.robust else counts:
             self.prior.update(row)
         if self.generator is None:
             return None
         if acc.robust:
-            flat = [torch.cat([v.flatten().float() for _, v in sorted(acc.predictors[c].items())]) for c in clients]
-            clients = [c for c, out in zip(clients, outlying(flat)) if not out]
+            clients = [c for c, out in zip(clients, outlying(list(acc.predictor_vectors(clients)))) if not out]
             if not clients:
                 return None
         before = (clone_state(self.generator.state_dict()), copy.deepcopy(self.generator_optimizer.state_dict()))
         stats = train_generator(self.generator, self.generator_optimizer, self.model.predictor,
-                                [acc.predictors[c] for c in clients],
-                                np.stack([acc.label_counts[c] for c in clients]), self.cfg, round_idx,
-                                self.generator_rng, proportions=acc.robust)
+                                StackedPredictors(acc.stacked_predictors(clients)), acc.label_counts(clients),
+                                self.cfg, round_idx, self.generator_rng, proportions=acc.robust)
         if not all(torch.isfinite(v).all() for v in self.generator.state_dict().values() if v.is_floating_point()):
             # e.g. predictors driven to extreme values: keep the last good generator rather than a broken one
             self.generator.load_state_dict(before[0])

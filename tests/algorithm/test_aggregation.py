@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from shared.algorithm.aggregate import LabelPrior, RunningWeightedMean, select_clients, weighted_mean
+from shared.algorithm.aggregate import (
+    LabelPrior,
+    RunningWeightedMean,
+    SpilledUpdates,
+    coordinate_median,
+    median_of_columns,
+    select_clients,
+    trimmed_mean,
+    trimmed_mean_of_columns,
+    weighted_mean,
+)
+from shared.algorithm.federation import RoundAccumulator
 
 
 def test_weighted_mean_against_hand_computed_values():
@@ -72,3 +83,54 @@ def test_capped_weights_by_hand():
     assert capped_weights([5, 95], 0.4) == [50, 50]  # two weights cannot both be <= 40 %: equal
     with pytest.raises(ValueError):
         capped_weights([1, 2], 0)
+
+
+def _accumulated(mode: str, updates: list[dict[str, torch.Tensor]], trim_ratio: float = 0.1) -> dict:
+    acc = RoundAccumulator(mode=mode, trim_ratio=trim_ratio)
+    for i, u in enumerate(updates):
+        acc.add(u, num_samples=10, label_counts=np.ones(2, dtype=np.int64), client=f"c{i}")
+    return acc.result()
+
+
+def test_median_and_trimmed_mean_against_hand_computed_values():
+    values = [[1.0, 10.0], [2.0, -5.0], [100.0, 0.0], [3.0, 1.0], [-50.0, 2.0]]
+    updates = [{"w": torch.tensor(v), "s": torch.tensor(v[0])} for v in values]
+    median = _accumulated("median", updates)
+    assert median["w"].tolist() == [2.0, 1.0] and median["s"].item() == 2.0  # odd count: the middle value
+    assert _accumulated("median", updates[:4])["w"].tolist() == [2.5, 0.5]  # even: mean of the middle two
+    trimmed = _accumulated("trimmed_mean", updates, trim_ratio=0.2)  # drops one lowest and one highest
+    assert trimmed["w"].tolist() == pytest.approx([(1 + 2 + 3) / 3, (0 + 1 + 2) / 3])
+    assert median["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("clients", [7, 8])
+def test_spilled_updates_reduced_in_chunks_equal_the_in_memory_rules(clients: int):
+    """The round's updates live in a file and are reduced a few columns at a time (here 3 of 6 + 12 + 1):
+    bit for bit the result of stacking them all in memory."""
+    gen = torch.Generator().manual_seed(clients)
+    updates = [{"conv": torch.randn(2, 3, generator=gen), "fc": torch.randn(12, generator=gen),
+                "scale": torch.randn((), generator=gen)} for _ in range(clients)]
+    for columns, in_memory in ((median_of_columns, coordinate_median(updates)),
+                               (lambda x: trimmed_mean_of_columns(x, 0.25), trimmed_mean(updates, 0.25))):
+        spilled = SpilledUpdates(chunk_bytes=8 * clients * 3)
+        for i, u in enumerate(updates):
+            spilled.add(u if i % 2 == 0 else dict(reversed(u.items())))  # key order varies as decoded
+        out = spilled.reduce(columns)
+        spilled.close()
+        assert list(out) == ["conv", "fc", "scale"]
+        for key, expected in in_memory.items():
+            assert out[key].shape == expected.shape and out[key].dtype == expected.dtype
+            assert torch.equal(out[key], expected), key
+
+
+def test_spilled_updates_refuse_other_shapes_and_empty_rounds():
+    spilled = SpilledUpdates()
+    with pytest.raises(ValueError, match="no updates"):
+        spilled.reduce(median_of_columns)
+    spilled.add({"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="differ"):
+        spilled.add({"w": torch.zeros(4)})
+    with pytest.raises(ValueError, match="differ"):
+        spilled.add({"v": torch.zeros(3)})
+    assert spilled.count == 1
+    spilled.close()
