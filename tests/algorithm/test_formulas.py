@@ -220,3 +220,33 @@ def test_batched_teacher_term_matches_a_loop_over_clients():
         optimizer.step()
     for (name, a), (_, b) in zip(batched.state_dict().items(), looped.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+def test_the_linear_fast_path_equals_the_generic_vmap_and_stacked_input_equals_states():
+    """A linear predictor's logits are one matrix product (distill.logits_by_sample); any other predictor goes
+    through vmap. The same weights behind an nn.Sequential take the generic path: the generators agree up to
+    float summation order. Pre-stacked theta^p (what the round accumulator hands over) gives the same
+    generator bit for bit as the list of states."""
+    from shared.algorithm.distill import StackedPredictors, make_generator, make_generator_optimizer, stack_predictors
+
+    cfg = AlgorithmConfig(generator_steps=5, generator_batch_size=16)
+    gen = torch.Generator().manual_seed(5)
+    states = [{"predictor.weight": torch.randn(10, 32, generator=gen), "predictor.bias": torch.randn(10, generator=gen)}
+              for _ in range(6)]
+    counts = np.random.default_rng(1).integers(0, 30, (6, 10))
+
+    def trained(predictor: nn.Module, client_states, label_counts=counts) -> dict[str, torch.Tensor]:
+        g = make_generator(10, 32, cfg, seed=2)
+        train_generator(g, make_generator_optimizer(g, cfg), predictor, client_states, label_counts, cfg, 0,
+                        torch.Generator().manual_seed(4))
+        return g.state_dict()
+
+    fast = trained(nn.Linear(32, 10), states)
+    sequential = [{k.replace("predictor.", "predictor.0."): v for k, v in s.items()} for s in states]
+    generic = trained(nn.Sequential(nn.Linear(32, 10)), sequential)
+    stacked = trained(nn.Linear(32, 10), StackedPredictors(stack_predictors(states)))
+    for name in fast:
+        assert torch.allclose(fast[name], generic[name], atol=1e-5, rtol=1e-4), name
+        assert torch.equal(fast[name], stacked[name]), name
+    fewer = trained(nn.Linear(32, 10), states[:3], counts[:3])
+    assert any((fast[n] - fewer[n]).abs().max() > 1e-4 for n in fast)  # the test has teeth
