@@ -171,23 +171,29 @@ class SpilledUpdates:
     def add(self, update: Mapping[str, torch.Tensor]) -> None:
         if self._file is None:
             self._layout = [(k, v.shape, v.dtype) for k, v in update.items()]
-            if any(dtype == torch.float64 for _, _, dtype in self._layout):
+            if any(dtype == torch.float64 or not dtype.is_floating_point for _, _, dtype in self._layout):
                 self._dtype = np.dtype(np.float64)
-            self._file = tempfile.TemporaryFile(dir=self._directory)
+            self._file = tempfile.TemporaryFile(dir=self._directory, buffering=0)
         elif len(update) != len(self._layout) or any(k not in update or update[k].shape != shape
                                                      for k, shape, _ in self._layout):
             raise ValueError("update keys or shapes differ from earlier updates in this round")
         row = np.concatenate([update[k].detach().cpu().reshape(-1).to(torch.float64).numpy()
                               for k, _, _ in self._layout])  # in the first update's key order
-        self._file.write(row.astype(self._dtype).tobytes())
+        data, offset = row.astype(self._dtype).tobytes(), self.count * self.width * self._dtype.itemsize
+        try:  # at the row's own offset: a failed write (disk full) is overwritten by the next one
+            if os.pwrite(self._file.fileno(), data, offset) != len(data):
+                raise OSError(f"short write to the spilled updates (row {self.count})")
+        except OSError:
+            os.ftruncate(self._file.fileno(), offset)
+            raise
         self.count += 1
 
     def reduce(self, columns: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         """`columns` (a (K, C) float64 matrix -> its C per-coordinate results) applied chunk by chunk."""
         if not self.count:
             raise ValueError("no updates to aggregate")
-        assert self._file is not None
-        self._file.flush()
+        if self._file is None:
+            raise ValueError("these spilled updates were closed")
         width = self.width
         step = max(1, self._chunk_bytes // (8 * self.count))
         out = np.empty(width, dtype=np.float64)
@@ -217,9 +223,12 @@ class SpilledUpdates:
         return block
 
     def close(self) -> None:
+        """Delete the file; the object is empty again."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        self.count = 0
+        self._layout = []
 
 
 class LabelPrior:

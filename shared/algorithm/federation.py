@@ -52,9 +52,13 @@ class RowBlocks:
         self._blocks: list[np.ndarray] = []
         self.count = 0
 
-    def append(self, row: np.ndarray) -> None:
+    def check(self, row: np.ndarray) -> None:
+        """Raise ValueError unless `row` can be appended."""
         if self._blocks and row.shape != self._blocks[0].shape[1:]:
             raise ValueError(f"row of shape {row.shape}, earlier rows {self._blocks[0].shape[1:]}")
+
+    def append(self, row: np.ndarray) -> None:
+        self.check(row)
         if self.count % self.block == 0:
             self._blocks.append(np.empty((self.block, *row.shape), dtype=row.dtype))
         self._blocks[-1][self.count % self.block] = row
@@ -103,14 +107,17 @@ class RoundAccumulator:
         layout = [(k, v.shape) for k, v in predictor]
         if self._rows and layout != self._predictor_layout:
             raise ValueError("theta^p keys or shapes differ from earlier updates in this round")
+        theta_p = (np.concatenate([v.detach().cpu().reshape(-1).float().numpy() for _, v in predictor])
+                   if predictor else np.zeros(0, dtype=np.float32))
+        counts = np.asarray(label_counts, dtype=np.int64)
+        self._label_counts.check(counts)  # everything that can refuse the update before anything is kept
         if self.mode == "mean":
             self.aggregate.add(upload, float(num_samples if weight is None else weight))
         else:
             self.uploads.add(upload)
         self._predictor_layout = layout
-        self._predictors.append(np.concatenate([v.detach().cpu().reshape(-1).float().numpy() for _, v in predictor])
-                                if predictor else np.zeros(0, dtype=np.float32))
-        self._label_counts.append(np.asarray(label_counts, dtype=np.int64))
+        self._predictors.append(theta_p)
+        self._label_counts.append(counts)
         self._rows[key] = len(self._rows)
         self.num_samples += int(num_samples)
 

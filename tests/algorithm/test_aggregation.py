@@ -134,3 +134,49 @@ def test_spilled_updates_refuse_other_shapes_and_empty_rounds():
         spilled.add({"v": torch.zeros(3)})
     assert spilled.count == 1
     spilled.close()
+
+
+def test_a_refused_update_leaves_the_round_as_it_was():
+    """An update refused by the accumulator (its label counts of another length) changes nothing: the median,
+    the clients and their theta^p are those of the others."""
+    acc = RoundAccumulator(mode="median")
+    good = [{"w": torch.tensor([float(i)]), "predictor.bias": torch.tensor([float(i)])} for i in range(3)]
+    for i, u in enumerate(good[:2]):
+        acc.add(u, num_samples=1, label_counts=np.ones(2, dtype=np.int64), client=f"c{i}")
+    with pytest.raises(ValueError, match="shape"):
+        acc.add({"w": torch.tensor([100.0]), "predictor.bias": torch.tensor([100.0])}, num_samples=1,
+                label_counts=np.ones(3, dtype=np.int64), client="bad")
+    acc.add(good[2], num_samples=1, label_counts=np.ones(2, dtype=np.int64), client="c2")
+    assert acc.clients == ["c0", "c1", "c2"] and acc.uploads.count == 3
+    assert acc.result()["w"].tolist() == [1.0]
+    assert acc.predictor_vectors(["c2"]).tolist() == [[2.0]]
+
+
+def test_a_failed_write_of_a_spilled_update_does_not_shift_the_others(monkeypatch):
+    """A disk that fails one write (ENOSPC) refuses that update alone; the rows written after it are read back
+    where they belong."""
+    import errno
+
+    from shared.algorithm import aggregate
+
+    spilled = SpilledUpdates()
+    real_pwrite, calls = aggregate.os.pwrite, []
+
+    def flaky(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            real_pwrite(fd, data[:5], offset)  # half a row reached the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(aggregate.os, "pwrite", flaky)
+    spilled.add({"w": torch.full((4,), 1.0)})
+    with pytest.raises(OSError):
+        spilled.add({"w": torch.full((4,), 50.0)})
+    for value in (2.0, 3.0):
+        spilled.add({"w": torch.full((4,), value)})
+    assert spilled.count == 3
+    assert spilled.reduce(median_of_columns)["w"].tolist() == [2.0] * 4
+    spilled.close()  # empty again
+    with pytest.raises(ValueError, match="no updates"):
+        spilled.reduce(median_of_columns)
