@@ -253,16 +253,54 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
              "the last ack; peak RSS of the server process (VmHWM). A shared, noisy machine: compare the rows of "
              "one run.", "",
              "| mode | database | devices | payload (B) | ingest batch | max backlog | server (upd/s) | raw (msg/s) "
-             "| server / raw | lost | duplicated | accepted | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| server / raw | lost | duplicated | accepted | round closed after the last ack (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['db']} | {r['devices']:,} | {r['payload_bytes']:,} | {r['batch']} | "
                      f"{r['backlog'] or 'none'} | "
                      f"{r['server_per_s']:.0f} | "
                      f"{r['raw_per_s']:.0f} | {r['ratio']:.3f} | {r['lost']} | {r['duplicated']} | {r['accepted']:,} | "
-                     f"{r['peak_rss_mib']:.0f} |")
+                     f"{_seconds(r.get('round_seconds_after_last_ack'))} | {r['peak_rss_mib']:.0f} |")
+    plot = args.out.with_suffix(".png")
+    write_plot(rows, plot)
+    lines += ["", f"![throughput, ratio, round close and peak RSS against the number of devices]({plot.name})"]
     args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {plot}")
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    """Throughput, server/raw ratio, round-close time and peak RSS against the number of devices, one line
+    per (mode, database, batch, backlog)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("server_per_s", "server (updates/s)"), ("ratio", "server / raw Mosquitto"),
+              ("round_seconds_after_last_ack", "round closed after the last ack (s)"),
+              ("peak_rss_mib", "server peak RSS (MiB)"))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    series: dict[tuple, list[dict]] = {}
+    for r in rows:
+        series.setdefault((r["mode"], r["db"], r["batch"], r["backlog"]), []).append(r)
+    for (mode, db, batch, backlog), points in series.items():
+        points = sorted(points, key=lambda p: p["devices"])
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot([p["devices"] for p in points], [p.get(key) or float("nan") for p in points], marker="o",
+                    label=f"{mode}, {db}, batch {batch}, backlog {backlog or 'none'}")
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_xscale("log")
+        ax.set_xlabel("devices in the round")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
