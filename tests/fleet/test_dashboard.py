@@ -272,6 +272,7 @@ def test_text_from_devices_is_shown_as_text(seeded_server: str, browser: Any) ->
 
     browser.get(f"{seeded_server}/#/jobs/%3Cscript%3E")
     until(browser, lambda d: attr(d, "body", "data-view") == "jobs", 30, "the jobs list instead")
-    assert "not a job id" in text_of(browser, "#error")
+    # the view switches at once, the notice comes with the jobs list (after its request): wait for it
+    until(browser, lambda d: "not a job id" in text_of(d, "#error"), 30, "the notice")
     assert_all_local(requested_urls(browser))
     assert not console_errors(browser)
