@@ -183,6 +183,7 @@ class RoundKeeper:
                              _finite(figures["generator_loss"]), self.runtime.version,
                              model_stats=opened.model_stats(models[0]) if len(models) > 1 else None)
         record = self.publisher.store_version(self.runtime, artifacts, window.index, (opened.row_id, result))
+        opened.accumulator.close()  # stored: a robust round's spilled updates are deleted now, not when collected
         metrics.CLOSE_SECONDS.labels(self.config.id).observe(time.perf_counter() - started)
         self._count(opened, "closed")
         log.info("job %s round %d closed: %d updates, version %d, accuracy %s (%.2f s)", self.config.id,
