@@ -139,8 +139,6 @@ def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> dict[str
 def trimmed_mean(updates: Sequence[Mapping[str, torch.Tensor]], ratio: float) -> dict[str, torch.Tensor]:
     """Coordinate-wise mean after dropping the `ratio` largest and smallest values of each coordinate
     (as Flower's FedTrimmedAvg; unweighted), of updates held in memory."""
-    if not 0 <= ratio < 0.5:
-        raise ValueError("trim ratio must be in [0, 0.5)")
     return _by_coordinate(updates, lambda x: trimmed_mean_of_columns(x, ratio))
 
 
@@ -171,8 +169,8 @@ class SpilledUpdates:
     def add(self, update: Mapping[str, torch.Tensor]) -> None:
         if self._file is None:
             self._layout = [(k, v.shape, v.dtype) for k, v in update.items()]
-            if any(dtype == torch.float64 or not dtype.is_floating_point for _, _, dtype in self._layout):
-                self._dtype = np.dtype(np.float64)
+            exact_in_float32 = all(d.is_floating_point and d != torch.float64 for _, _, d in self._layout)
+            self._dtype = np.dtype(np.float32 if exact_in_float32 else np.float64)
             self._file = tempfile.TemporaryFile(dir=self._directory, buffering=0)
         elif len(update) != len(self._layout) or any(k not in update or update[k].shape != shape
                                                      for k, shape, _ in self._layout):
