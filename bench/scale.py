@@ -3,13 +3,15 @@ delivery rate for the same payloads, with the server's peak memory and round-clo
 devices. Writes bench/results/scale.md; its last line printed is one JSON object for the largest run.
 
     python bench/scale.py [--devices 1000,3000,10000] [--db sqlite,postgres] [--mode partial,full]
-                          [--batch 256,1] [--backlog 1000,0] [--pg-url URL] [--out FILE]
+                          [--batch 256,1] [--backlog 1000,0] [--servers 1,2] [--pg-url URL] [--out FILE]
 
 One paho connection publishes the round's N updates (valid FedAvg updates crafted for N device ids; the
 server cannot tell them from N devices) at QoS 1 and collects the acks. "raw" publishes the same payloads
 through the same broker to a plain paho subscriber, in the same run. `--batch` compares the ingest group
 size (FEDGEN_INGEST_BATCH: updates stored per transaction; 1 is one transaction per update); `--backlog` the
-server's bound on received, unhandled messages (FEDGEN_MAX_BACKLOG; 0: none, the link reads everything).
+server's bound on received, unhandled messages (FEDGEN_MAX_BACKLOG; 0: none, the link reads everything);
+`--servers` the number of server processes sharing the ingest (2: `fedgen server --shared-subscription`
+twice on the same database, docs/scaling.md; peak RSS is then the sum of the processes' peaks).
 """
 
 from __future__ import annotations
@@ -139,18 +141,18 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str | None, batch: int,
-               workdir: Path, backlog: int = 1000) -> dict:
-    job = f"scale-{mode}-{devices}-b{batch}-q{backlog}"
+               workdir: Path, backlog: int = 1000, servers: int = 1) -> dict:
+    job = f"scale-{mode}-{devices}-b{batch}-q{backlog}-s{servers}"
     config = job_config(job, devices, mode)
     ids = [f"d{i:06d}" for i in range(devices)]
     items, size = crafted_updates(config, ids)
     os.environ["FEDGEN_INGEST_BATCH"] = str(batch)
     os.environ["FEDGEN_MAX_BACKLOG"] = str(backlog)
     fleet = Fleet(FleetConfig(clients=0, broker_url=broker_url, db_url=db_url, workdir=workdir / job,
-                              progress=False))
+                              progress=False, servers=servers))
     raw = Collector(port, f"bench-{job}")
     try:
-        fleet.start_server()
+        fleet.start_servers()
         fleet.request("POST", "/jobs", config)
         topics = Topics(job)
         raw.acks = True
@@ -164,7 +166,7 @@ def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str 
                 break
             time.sleep(0.5)
         assert rounds, "round 0 did not open"
-        rss_before = peak_rss_mib(fleet.server.pid)
+        rss_before = sum(peak_rss_mib(proc.pid) for proc in fleet.servers.values())
         started = time.monotonic()
         raw.publish_all(items)
         assert raw.wait(devices, 1200), f"{raw.count} of {devices} acks"
@@ -184,7 +186,8 @@ def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str 
                 "lost": devices - len(raw.keys), "duplicated": sum(len(v) - 1 for v in raw.keys.values()),
                 "num_updates": rnd["num_updates"], "round_status": rnd["status"],
                 "round_seconds_after_last_ack": close_s - elapsed if close_s == close_s else None,
-                "peak_rss_mib": peak_rss_mib(fleet.server.pid), "rss_before_mib": rss_before}
+                "peak_rss_mib": sum(peak_rss_mib(proc.pid) for proc in fleet.servers.values()),
+                "rss_before_mib": rss_before, "servers": servers}
     finally:
         raw.close()
         fleet.stop()
@@ -199,6 +202,7 @@ def main() -> int:
     parser.add_argument("--mode", default="partial", help="partial (theta^p uploads), full, or both")
     parser.add_argument("--batch", default="256,1", help="FEDGEN_INGEST_BATCH values to compare")
     parser.add_argument("--backlog", default="1000", help="FEDGEN_MAX_BACKLOG values to compare (0: unbounded)")
+    parser.add_argument("--servers", default="1", help="server processes sharing the ingest, values to compare")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedgen-scale"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.md")
     args = parser.parse_args()
@@ -213,21 +217,24 @@ def main() -> int:
                 for db in args.db.split(","):
                     for batch in (int(b) for b in args.batch.split(",")):
                         for backlog in (int(q) for q in args.backlog.split(",")):
-                            db_url = None
-                            if db == "postgres":
-                                db_url = fresh_postgres(args.pg_url,
-                                                        f"fedgen_scale_{mode}_{devices}_{batch}_{backlog}")
-                            row = server_run(broker.url, broker.port, devices, mode, db_url, batch,
-                                             args.workdir / db, backlog)
-                            row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
-                            rows.append(row)
-                            print(json.dumps(row), flush=True)
+                            for servers in (int(n) for n in args.servers.split(",")):
+                                db_url = None
+                                if db == "postgres":
+                                    db_url = fresh_postgres(args.pg_url, f"fedgen_scale_{mode}_{devices}_{batch}_"
+                                                                         f"{backlog}_{servers}")
+                                row = server_run(broker.url, broker.port, devices, mode, db_url, batch,
+                                                 args.workdir / db, backlog, servers)
+                                row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
+                                rows.append(row)
+                                print(json.dumps(row), flush=True)
     finally:
         broker.stop()
     write_report(rows, args)
-    largest = max(rows, key=lambda r: (r["devices"], r["batch"], r["db"] == "sqlite", r["mode"] == "full"))
+    largest = max(rows, key=lambda r: (r["devices"], r["batch"], r["db"] == "sqlite", r["mode"] == "full",
+                                       r["servers"]))
     print(json.dumps({k: largest[k] for k in ("devices", "server_per_s", "raw_per_s", "ratio", "lost",
-                                              "duplicated", "peak_rss_mib", "batch", "backlog", "mode", "db")}))
+                                              "duplicated", "peak_rss_mib", "batch", "backlog", "mode", "db",
+                                              "servers")}))
     return 0
 
 
@@ -246,18 +253,20 @@ def fresh_postgres(url: str, name: str) -> str:
 def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     lines = ["# Ingest at scale: the server against raw Mosquitto", "",
              f"`python bench/scale.py --devices {args.devices} --db {args.db} --mode {args.mode} --batch "
-             f"{args.batch} --backlog {args.backlog}` on {platform.machine()} ({os.cpu_count()} cores), Python "
+             f"{args.batch} --backlog {args.backlog} --servers {args.servers}` on {platform.machine()} "
+             f"({os.cpu_count()} cores), Python "
              f"{platform.python_version()}. "
              "One publisher, QoS 1; raw: the same payloads to a plain paho subscriber through the same broker, "
              "in the same run. Server: accepted and acknowledged updates per second, from the first publish to "
              "the last ack; peak RSS of the server process (VmHWM). A shared, noisy machine: compare the rows of "
              "one run.", "",
-             "| mode | database | devices | payload (B) | ingest batch | max backlog | server (upd/s) | raw (msg/s) "
-             "| server / raw | lost | duplicated | accepted | round closed after the last ack (s) | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | database | devices | payload (B) | ingest batch | max backlog | server processes "
+             "| server (upd/s) | raw (msg/s) | server / raw | lost | duplicated | accepted "
+             "| round closed after the last ack (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['db']} | {r['devices']:,} | {r['payload_bytes']:,} | {r['batch']} | "
-                     f"{r['backlog'] or 'none'} | "
+                     f"{r['backlog'] or 'none'} | {r.get('servers', 1)} | "
                      f"{r['server_per_s']:.0f} | "
                      f"{r['raw_per_s']:.0f} | {r['ratio']:.3f} | {r['lost']} | {r['duplicated']} | {r['accepted']:,} | "
                      f"{_seconds(r.get('round_seconds_after_last_ack'))} | {r['peak_rss_mib']:.0f} |")
@@ -286,12 +295,12 @@ def write_plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     series: dict[tuple, list[dict]] = {}
     for r in rows:
-        series.setdefault((r["mode"], r["db"], r["batch"], r["backlog"]), []).append(r)
-    for (mode, db, batch, backlog), points in series.items():
+        series.setdefault((r["mode"], r["db"], r["batch"], r["backlog"], r.get("servers", 1)), []).append(r)
+    for (mode, db, batch, backlog, servers), points in series.items():
         points = sorted(points, key=lambda p: p["devices"])
         for ax, (key, _) in zip(axes, panels):
             ax.plot([p["devices"] for p in points], [p.get(key) or float("nan") for p in points], marker="o",
-                    label=f"{mode}, {db}, batch {batch}, backlog {backlog or 'none'}")
+                    label=f"{mode}, {db}, batch {batch}, backlog {backlog or 'none'}, {servers} server(s)")
     for ax, (_, title) in zip(axes, panels):
         ax.set_xscale("log")
         ax.set_xlabel("devices in the round")

@@ -59,8 +59,9 @@ def _add_server_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--job-file", type=Path, help="create this job (JSON, as POST /jobs) on start if missing")
     srv.add_argument("--client-id", help="MQTT client id, distinct per server process (default fedgen-server)")
     srv.add_argument("--shared-subscription", action="store_true",
-                     help="ingest updates through a secret MQTT share group (several server processes; the "
-                          "group is $FEDGEN_INGEST_GROUP or derived from $FEDGEN_ADMIN_TOKEN)")
+                     help="one of several server processes on one database: ingest updates through a secret "
+                          "MQTT share group ($FEDGEN_INGEST_GROUP, or derived from $FEDGEN_ADMIN_TOKEN); each "
+                          "job's rounds are run by the process holding its lease ($FEDGEN_LEASE_S, default 10 s)")
     srv.set_defaults(func=cmd_server)
 
     fleet = sub.add_parser("fleet", help="broker + server + N edge clients on this machine (like compose)")

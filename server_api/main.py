@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
+import secrets
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -49,6 +52,12 @@ def share_group(settings: ServerSettings) -> str:
     return f"fedgen-{digest[:32]}"
 
 
+def instance_name(client_id: str) -> str:
+    """This process's name in the jobs' leases: its MQTT client id, host, pid and a random part (a restarted
+    process is a new holder: it waits out the lease of the one that died like any other process)."""
+    return f"{client_id}@{socket.gethostname()[:64]}/{os.getpid()}/{secrets.token_hex(4)}"[:200]
+
+
 def run_server(settings: ServerSettings, job_file: Path | None = None, shared_subscription: bool = False) -> None:
     """Upgrade the schema, connect to the broker, resume unfinished jobs and serve the API until SIGTERM."""
     import uvicorn
@@ -65,7 +74,9 @@ def run_server(settings: ServerSettings, job_file: Path | None = None, shared_su
                     tls_ca=str(settings.broker_tls_ca) if settings.broker_tls_ca else None,
                     max_backlog=settings.max_backlog or None)
     ctx = ServerContext(factory, store, link, settings.max_upload_bytes,
-                        str(settings.data_dir) if settings.data_dir else None, settings.partition_release_s)
+                        str(settings.data_dir) if settings.data_dir else None, settings.partition_release_s,
+                        instance=instance_name(settings.client_id) if shared_subscription else None,
+                        lease_s=settings.lease_s)
     ctx.db_healthy.set()
     if job_file is not None:
         create_job_from_file(factory, job_file)

@@ -17,6 +17,8 @@ Variable                     Default                    Meaning
 ``FEDGEN_CLIENT_ID``         ``fedgen-server``          MQTT client id (one per server process)
 ``FEDGEN_INGEST_GROUP``      unset                      secret share group (``--shared-subscription``)
 ``FEDGEN_PARTITION_RELEASE_S`` 600                      a partition index of a device offline this long is free
+``FEDGEN_LEASE_S``           10                         a job's lease (``--shared-subscription``): another
+                                                        process runs its rounds this long after the holder died
 ===========================  =========================  ========================================
 
 Without an admin token the write endpoints answer 503.
@@ -73,6 +75,9 @@ class ServerSettings(BaseSettings):
     client_id: str = Field(default="fedgen-server", pattern=ID_REGEX)
     ingest_group: SecretStr | None = None
     partition_release_s: float = Field(default=600.0, ge=0, le=10**7)
+    # several server processes (--shared-subscription): how long a job's lease lasts unless renewed (every
+    # third of it); a process that died is replaced after at most about this long (docs/scaling.md)
+    lease_s: float = Field(default=10.0, ge=1.0, le=3600.0)
     # messages the broker has delivered and the server not yet handled, at most (about: Mosquitto may add one
     # in-flight window); the broker holds the rest (docs/scaling.md, "A bounded inbox"). 0: unbounded
     max_backlog: int = Field(default=1000, ge=0, le=10**6)

@@ -34,6 +34,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
@@ -45,6 +46,7 @@ from shared.protocol.ids import MAX_ID_LENGTH, is_valid_id
 SHA256_LENGTH = 64
 CLIENT_ID_LENGTH = 128  # wider than the id pattern (MAX_ID_LENGTH); kept so that no migration is needed
 IDEMPOTENCY_KEY_LENGTH = 128
+MAX_HOLDER_LENGTH = 200  # a server process's instance name (its MQTT client id and a random suffix)
 
 # Deterministic constraint names, so that later (batch) migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -280,6 +282,9 @@ class ClientUpdate(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "idempotency_key"),
         Index("ix_updates_round_id_status", "round_id", "status"),
+        # one accepted update per client and round, whichever server process accepted it (0005)
+        Index("uq_updates_round_id_client_id_accepted", "round_id", "client_id", unique=True,
+              sqlite_where=text("status = 'accepted'"), postgresql_where=text("status = 'accepted'")),
         _enum_check("status", UpdateStatus),
         CheckConstraint("num_samples >= 0 AND payload_bytes >= 0", name="sizes_nonnegative"),
     )
@@ -339,6 +344,21 @@ class ModelVersion(Base):
 
     def __repr__(self) -> str:
         return f"ModelVersion(job_id={self.job_id!r}, version={self.version!r})"
+
+
+class JobLease(Base):
+    """Which server process runs a job's rounds (docs/scaling.md, "Several server processes"): held by
+    `holder` until `expires_at`, renewed by it well before; another process takes an expired lease over."""
+
+    __tablename__ = "job_leases"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(MAX_HOLDER_LENGTH), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    acquired_at: Mapped[datetime] = _now_column()
+
+    def __repr__(self) -> str:
+        return f"JobLease(job_id={self.job_id!r}, holder={self.holder!r}, expires_at={self.expires_at!r})"
 
 
 class Artifact(Base):

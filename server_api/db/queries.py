@@ -110,6 +110,19 @@ def accepted_updates(session: Session, round_id: int) -> Sequence[ClientUpdate]:
                            .order_by(ClientUpdate.id)).all()
 
 
+def accepted_clients(session: Session, round_id: int) -> set[str]:
+    """The clients with an accepted update in the round (whichever server process accepted it)."""
+    return set(session.scalars(select(ClientUpdate.client_id).where(
+        ClientUpdate.round_id == round_id, ClientUpdate.status == UpdateStatus.ACCEPTED)).all())
+
+
+def round_status_for_share(session: Session, round_id: int) -> RoundStatus | None:
+    """The round's status, its row locked against change until the transaction ends (FOR SHARE on
+    PostgreSQL; SQLite serialises writers anyway): updates accepted in this transaction reach the round
+    before whoever closes it reads them."""
+    return session.scalar(select(Round.status).where(Round.id == round_id).with_for_update(read=True))
+
+
 def update_by_key(session: Session, job_id: str, key: str) -> ClientUpdate | None:
     return session.scalars(select(ClientUpdate).where(ClientUpdate.job_id == job_id,
                                                       ClientUpdate.idempotency_key == key)).first()

@@ -83,6 +83,11 @@ class FleetConfig:
     broker_password: str | None = field(default=None, repr=False)
     broker_tls_ca: str | None = None
     client_passwords: dict[int, str] = field(default_factory=dict, repr=False)
+    # server processes on the one database (`fedgen server --shared-subscription`, docs/scaling.md; cluster:
+    # that mode even for one process); the REST API of each listens on its own port; lease_s: FEDGEN_LEASE_S
+    servers: int = 1
+    cluster: bool = False
+    lease_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.edge_runtime not in EDGE_RUNTIMES:
@@ -147,11 +152,17 @@ class Fleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_urlsafe(24)
         self.port = cfg.port or find_free_port()
+        self.ports = [self.port] + [find_free_port() for _ in range(1, max(1, cfg.servers))]
         self.broker = None
-        self.server: subprocess.Popen | None = None
+        self.servers: dict[int, subprocess.Popen] = {}
         self.clients: dict[int, subprocess.Popen] = {}
         self.broker_url = cfg.broker_url
         self.api = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def server(self) -> subprocess.Popen | None:
+        """The first server process."""
+        return self.servers.get(0)
 
     # ------------------------------------------------------------------------------------------ processes
     def preflight(self) -> None:
@@ -174,11 +185,25 @@ class Fleet:
         self.broker = start_broker(config=dev_broker_config(), workdir=self.workdir / "broker")
         self.broker_url = self.broker.url
 
-    def start_server(self) -> None:
+    def start_servers(self) -> None:
+        for index in range(len(self.ports)):
+            self.start_server(index)
+
+    def server_log(self, index: int = 0) -> Path:
+        return self.workdir / ("server.log" if index == 0 else f"server-{index}.log")
+
+    def start_server(self, index: int = 0) -> None:
+        """Start server process `index` (of cfg.servers) and wait until its API answers."""
         env = {**os.environ, "FEDGEN_ADMIN_TOKEN": self.token,
                "FEDGEN_DATABASE_URL": self.cfg.db_url or f"sqlite:///{self.workdir / 'fedgen.db'}",
                "FEDGEN_BROKER_URL": self.broker_url, "FEDGEN_ARTIFACT_DIR": str(self.workdir / "artifacts"),
-               "FEDGEN_HOST": "127.0.0.1", "FEDGEN_PORT": str(self.port)}
+               "FEDGEN_HOST": "127.0.0.1", "FEDGEN_PORT": str(self.ports[index])}
+        args = []
+        if len(self.ports) > 1 or self.cfg.cluster:
+            env["FEDGEN_CLIENT_ID"] = f"fedgen-server-{index}"
+            args = ["--shared-subscription"]
+            if self.cfg.lease_s is not None:
+                env["FEDGEN_LEASE_S"] = str(self.cfg.lease_s)
         if self.cfg.server_broker_url:
             env["FEDGEN_BROKER_URL"] = self.cfg.server_broker_url
         for name, value in (("FEDGEN_BROKER_USERNAME", self.cfg.broker_username),
@@ -188,11 +213,11 @@ class Fleet:
                 env[name] = str(value)
         if self.cfg.data_dir:
             env["FEDGEN_DATA_DIR"] = self.cfg.data_dir
-        log_file = open(self.workdir / "server.log", "ab")  # lives as long as the process
-        self.server = subprocess.Popen([sys.executable, "-m", "server_api.cli", "-v", "server"], env=env,
-                                       stdout=log_file, stderr=subprocess.STDOUT,
-                                       process_group=0)  # Ctrl-C reaches only `fedgen fleet`, which stops it
-        self._wait_healthy()
+        log_file = open(self.server_log(index), "ab")  # lives as long as the process
+        self.servers[index] = subprocess.Popen(
+            [sys.executable, "-m", "server_api.cli", "-v", "server", *args], env=env, stdout=log_file,
+            stderr=subprocess.STDOUT, process_group=0)  # Ctrl-C reaches only `fedgen fleet`, which stops it
+        self._wait_healthy(index)
 
     def start_client(self, index: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "edge_client.cli", "--broker", self.broker_url, "--job", self.job_id,
@@ -216,10 +241,10 @@ class Fleet:
         return proc
 
     def stop(self) -> None:
-        for proc in [*self.clients.values(), self.server]:
-            if proc is not None and proc.poll() is None:
+        for proc in [*self.clients.values(), *self.servers.values()]:
+            if proc.poll() is None:
                 proc.terminate()
-        for proc in [*self.clients.values(), self.server]:
+        for proc in [*self.clients.values(), *self.servers.values()]:
             if proc is not None:
                 try:
                     proc.wait(timeout=15)
@@ -229,23 +254,27 @@ class Fleet:
             self.broker.stop()
 
     # ------------------------------------------------------------------------------------------ REST
-    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+    def request(self, method: str, path: str, body: dict | None = None, server: int | None = None) -> dict:
+        """A call to the REST API of server `server`, or of the first running one (any of them serves it)."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.api + path, data=data, method=method,
+        index = server if server is not None else next(
+            (i for i, proc in sorted(self.servers.items()) if proc.poll() is None), 0)
+        req = urllib.request.Request(f"http://127.0.0.1:{self.ports[index]}{path}", data=data, method=method,
                                      headers={"Authorization": f"Bearer {self.token}",
                                               "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
-    def _wait_healthy(self, timeout: float = SERVER_START_TIMEOUT_S) -> None:
+    def _wait_healthy(self, index: int = 0, timeout: float = SERVER_START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
-        log_path = self.workdir / "server.log"
+        log_path = self.server_log(index)
+        proc = self.servers[index]
         while time.monotonic() < deadline:
-            if self.server.poll() is not None:
-                raise FleetError(f"the server exited with status {self.server.returncode}; the end of {log_path}:"
+            if proc.poll() is not None:
+                raise FleetError(f"the server exited with status {proc.returncode}; the end of {log_path}:"
                                  f"{_log_tail(log_path)}")
             try:
-                self.request("GET", "/health")
+                self.request("GET", "/health", server=index)
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.3)
@@ -263,7 +292,7 @@ class Fleet:
     def run(self, out: Path | None = None, timeout: float | None = None) -> dict:
         self.preflight()
         self.start_broker()
-        self.start_server()
+        self.start_servers()
         self.request("POST", "/jobs", self.cfg.job_config())
         for index in range(self.cfg.clients):
             self.start_client(index)

@@ -40,6 +40,9 @@ class ClientRegistry:
         self._offline_since: dict[str, float] = {}  # monotonic time a device was last seen going offline
         self._saved: dict[str, tuple[ClientRecord, float]] = {}  # what was last written, and when
         self._taken: dict[bytes, dict[int, str]] | None = None  # spec -> index -> client (loaded on first use)
+        # False in a process that does not run the job's rounds (another holds its lease): it follows who is
+        # online, and leaves the database rows and partition assignments to the process that does
+        self.mirror = True
 
     def load(self) -> None:
         """Clients marked online in the database count as online until their retained presence says else."""
@@ -60,6 +63,8 @@ class ClientRegistry:
             self.online.pop(client, None)
             self._offline_since[client] = time.monotonic()
         metrics.DEVICES_ONLINE.labels(self.job).set(len(self.online))
+        if not self.mirror:
+            return
         previous = self._saved[client][0] if client in self._saved else self.state.client(client)
         record, assignment = self._updated(client, presence, previous)
         if previous != record or time.monotonic() - self._saved.get(client, (None, 0.0))[1] > REFRESH_S:

@@ -34,6 +34,14 @@ class ServerContext:
     data_dir: str | None = None  # where datasets are found (server-side evaluation)
     partition_release_s: float = 600.0  # an offline device's partition index is given to another after this
     db_healthy: threading.Event = field(default_factory=threading.Event)
+    # several server processes on the same database (--shared-subscription): this process's name in the
+    # jobs' leases (None: the only process, no lease), and how long a lease lasts unless renewed
+    instance: str | None = None
+    lease_s: float = 10.0
+
+    @property
+    def clustered(self) -> bool:
+        return self.instance is not None
 
     def job_store(self, job_id: str) -> SqlJobStore:
         return SqlJobStore(job_id, self.session_factory, self.db_healthy)

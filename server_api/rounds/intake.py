@@ -23,7 +23,7 @@ from server_api import metrics
 from server_api.db.store import ArtifactStore
 from server_api.rounds.context import Link
 from server_api.rounds.round import OpenRound, RoundWindow
-from server_api.rounds.state import JobStore, UpdateRecord
+from server_api.rounds.state import JobStore, RoundClosed, UpdateRecord
 from shared.fsutil import sha256_hex
 from shared.protocol.errors import ValidationError
 from shared.protocol.frames import Chunk, Reassembler, decode_chunk
@@ -282,7 +282,13 @@ class UpdateIntake:
                 open_round.row_id, a.client, header.idempotency_key, "accepted", header.base_version,
                 header.num_samples, list(header.label_counts), dict(header.metrics),
                 payload_sha256=sha, payload_bytes=a.size, model=self._model_of(header)))
-        stored = self.state.add_updates(records)
+        try:
+            stored = self.state.add_updates(records)
+        except RoundClosed:  # another server process began closing the round: nothing was stored
+            for a in arrivals:
+                self.record_rejection(a.client, a.key, "late", f"round {open_round.window.index} closed before the "
+                                      "update was stored", open_round, a.decision.header, a.size)
+            return
         elapsed = time.perf_counter() - started
         for a, inserted in zip(arrivals, stored):
             header = a.decision.header
@@ -291,7 +297,11 @@ class UpdateIntake:
                                a.size, self._model_of(header))
                 metrics.BYTES_IN.labels(self.job).inc(a.size)
                 metrics.INGEST_SECONDS.labels(self.job).observe(elapsed)
-            self._ack(a.client, Ack(header.idempotency_key, "accepted" if inserted else "duplicate", header.round))
+            if inserted:
+                self._ack(a.client, Ack(header.idempotency_key, "accepted", header.round))
+            else:  # stored meanwhile by another server process (this key, or another update of the client's)
+                self._ack(a.client, Ack(header.idempotency_key, "duplicate", header.round, "already_accepted",
+                                        f"{a.client} already has an accepted update in round {header.round}"))
 
     def _model_of(self, header: UpdateHeader) -> str | None:
         """The model an accepted update was trained with: the one it names, else the job's default."""

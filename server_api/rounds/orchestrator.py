@@ -13,6 +13,7 @@ from server_api.rounds.worker import JobWorker
 from shared.protocol.topics import ROOT, job_of
 
 log = logging.getLogger("fedgen.server")
+JOB_WATCH_S = 2.0
 
 
 class Orchestrator:
@@ -21,7 +22,8 @@ class Orchestrator:
 
     With `share_group`, updates are received through the MQTT shared subscription ``$share/<group>/...``, so
     that several server processes split the ingest; the group name is a secret of the servers (a device that
-    knew it could join the group and swallow other devices' uploads), see docs/broker.md.
+    knew it could join the group and swallow other devices' uploads), see docs/broker.md. Such a process
+    (`ctx.clustered`) also looks for jobs created through another process's API every `JOB_WATCH_S` seconds.
     """
 
     def __init__(self, ctx: ServerContext, share_group: str | None = None):
@@ -30,6 +32,7 @@ class Orchestrator:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch, name="mqtt-dispatch", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_jobs, name="job-watch", daemon=True)
         prefix = f"$share/{share_group}/" if share_group else ""
         self.subscriptions = [f"{prefix}{ROOT}/+/clients/+/update", f"{ROOT}/+/clients/+/presence"]
 
@@ -37,9 +40,21 @@ class Orchestrator:
         for topic in self.subscriptions:
             self.ctx.link.subscribe(topic)
         self._dispatcher.start()
+        self._start_unfinished()
+        if self.ctx.clustered:
+            self._watcher.start()
+        return self
+
+    def _start_unfinished(self) -> None:
         for job_id in in_transaction(self.ctx.session_factory, queries.unfinished_job_ids):
             self.job_created(job_id)
-        return self
+
+    def _watch_jobs(self) -> None:
+        while not self._stopping.wait(JOB_WATCH_S):
+            try:
+                self._start_unfinished()
+            except Exception:  # the database is away: try again later
+                log.warning("could not look for new jobs", exc_info=True)
 
     def stop(self) -> None:
         self._stopping.set()

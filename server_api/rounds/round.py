@@ -54,7 +54,7 @@ class OpenRound:
 
     row_id: int
     window: RoundWindow
-    accumulator: RoundAccumulator
+    accumulator: RoundAccumulator | None  # None: the updates are summed from the store at close (clustered)
     bytes_up: int = 0
     samples: dict[str, int] = field(default_factory=dict)  # client -> its sample count (aggregation weight)
     opened_at: float = field(default_factory=time.monotonic)
@@ -62,8 +62,9 @@ class OpenRound:
     models: dict[str, str | None] = field(default_factory=dict)  # client -> the model it trained
 
     def add(self, client: str, tensors: Mapping[str, np.ndarray], num_samples: int, label_counts: list[int],
-            metrics: Mapping[str, float], size: int, model: str | None = None) -> None:
-        self.accumulator.add(tensors, num_samples, np.asarray(label_counts), client=client)
+            metrics: Mapping[str, float], size: int, model: str | None = None, weight: float | None = None) -> None:
+        if self.accumulator is not None:
+            self.accumulator.add(tensors, num_samples, np.asarray(label_counts), client=client, weight=weight)
         self.window.accepted.add(client)
         self.bytes_up += size
         self.samples[client] = num_samples
@@ -103,10 +104,16 @@ class OpenRound:
 
 
 class RoundKeeper:
-    """Opens, resumes and closes the rounds of one job."""
+    """Opens, resumes and closes the rounds of one job.
+
+    `clustered` (several server processes on one database): any of them may have accepted a round's updates,
+    so the round adds nothing up while it is open; closing it first freezes it (no process can store more),
+    then sums every accepted update from the store in client-id order: the result does not depend on which
+    process received which update, nor on the order they arrived in."""
 
     def __init__(self, config: JobConfig, state: JobStore, store: ArtifactStore, runtime: JobRuntime,
-                 publisher: VersionPublisher, max_upload_bytes: int):
+                 publisher: VersionPublisher, max_upload_bytes: int, clustered: bool = False):
+        self.clustered = clustered
         self.config = config
         self.state = state
         self.store = store
@@ -142,16 +149,42 @@ class RoundKeeper:
         if row is None:
             return None
         opened = self._make_open(row)
-        updates = self.state.accepted_updates(row.id)
-        spec = self.runtime.upload_spec()
-        for update in updates:
-            tensors = decode_tensors(self.store.get(update.payload_sha256), spec, max_bytes=self.max_upload_bytes)
-            opened.add(update.client_id, tensors, update.num_samples, update.label_counts, update.metrics,
-                       update.payload_bytes, update.model)
+        if self.clustered:
+            opened.window.accepted = self.state.accepted_clients(row.id)
+        else:
+            opened = self.reload(opened)
         log.info("job %s resumed round %d (attempt %d) with %d accepted updates", self.config.id, row.index,
-                 row.attempt, len(updates))
+                 row.attempt, len(opened.window.accepted))
         self.announce(opened)
         return opened
+
+    def reload(self, opened: OpenRound, weights: Mapping[str, float] | None = None) -> OpenRound:
+        """The round with every accepted update added again from the store, in client-id order (with
+        `weights`, client -> its weight in the mean instead of its sample count)."""
+        fresh = OpenRound(opened.row_id, opened.window, self.runtime.new_accumulator(), opened_at=opened.opened_at)
+        fresh.window.accepted = set()
+        spec = self.runtime.upload_spec()
+        for update in sorted(self.state.accepted_updates(opened.row_id), key=lambda u: u.client_id):
+            tensors = decode_tensors(self.store.get(update.payload_sha256), spec, max_bytes=self.max_upload_bytes)
+            fresh.add(update.client_id, tensors, update.num_samples, update.label_counts, update.metrics,
+                      update.payload_bytes, update.model, weight=weights[update.client_id] if weights else None)
+        return fresh
+
+    def in_store(self, index: int, previous: OpenRound | None, with_accepted: bool = True) -> OpenRound | None:
+        """The attempt of round `index` the database shows open, as a process that does not run the job's
+        rounds sees it (clustered): its window, with (`with_accepted`) the clients any process has accepted
+        so far added to what `previous` (the same round seen before) knew."""
+        row = self.state.unfinished_round(index)
+        if row is None or row.status != "open":
+            return None
+        if previous is None or previous.row_id != row.id:
+            latest = self.state.latest_version()
+            window = RoundWindow(self.config.id, row.index, row.attempt, latest.version if latest else 0,
+                                 set(row.selected), row.deadline.timestamp())
+            previous = OpenRound(row.id, window, None)
+        if with_accepted:
+            previous.window.accepted |= self.state.accepted_clients(row.id)
+        return previous
 
     def announce(self, opened: OpenRound) -> None:
         w = opened.window
@@ -160,6 +193,9 @@ class RoundKeeper:
     def close(self, opened: OpenRound, bytes_down: Callable[[RoundWindow], int]) -> VersionRecord | None:
         """Close the round: failed without a quorum (None), else aggregate, train the generator and store the
         next version together with the round's result (returned, to be published)."""
+        if self.clustered:  # freeze the round (no process stores more updates in it), then sum what is stored
+            self.state.set_round_status(opened.row_id, "aggregating")
+            opened = self.reload(opened)
         window, accepted = opened.window, len(opened.window.accepted)
         if accepted < self.config.min_clients:
             reason = f"quorum not reached: {accepted} of {self.config.min_clients} updates by the deadline"
@@ -171,8 +207,9 @@ class RoundKeeper:
             self._count(opened, "failed")
             return None
         started = time.perf_counter()
-        self.state.set_round_status(opened.row_id, "aggregating")
-        self._cap_weights(opened)
+        if not self.clustered:
+            self.state.set_round_status(opened.row_id, "aggregating")
+        opened = self._cap_weights(opened)
         down = bytes_down(window)
         artifacts, figures = self.runtime.close_round(opened.accumulator, window.index)
         client_accuracy, client_loss = opened.client_metrics()
@@ -195,31 +232,25 @@ class RoundKeeper:
         metrics.ROUNDS.labels(self.config.id, status).inc()
         metrics.ROUND_SECONDS.labels(self.config.id).observe(max(0.0, time.monotonic() - opened.opened_at))
 
-    def _cap_weights(self, opened: OpenRound) -> None:
-        """With the job's `max_client_weight`, re-add the round's updates (from the store) with weights capped so
-        that no client is more than that share of the mean; nothing to do when none exceeds it."""
+    def _cap_weights(self, opened: OpenRound) -> OpenRound:
+        """With the job's `max_client_weight`, the round with its updates re-added (from the store) with weights
+        capped so that no client is more than that share of the mean; the round itself when none exceeds it."""
         cap = self.config.max_client_weight
         if cap is None or self.config.aggregation != "mean":
-            return
+            return opened
         clients = sorted(opened.samples)
         weights = capped_weights([opened.samples[c] for c in clients], cap)
         if weights == [float(opened.samples[c]) for c in clients]:
-            return
+            return opened
         log.info("job %s round %d: client weights capped at %.2f of the round", self.config.id,
                  opened.window.index, cap)
-        weight_of = dict(zip(clients, weights))
-        accumulator = self.runtime.new_accumulator()
-        spec = self.runtime.upload_spec()
-        for update in self.state.accepted_updates(opened.row_id):
-            tensors = decode_tensors(self.store.get(update.payload_sha256), spec, max_bytes=self.max_upload_bytes)
-            accumulator.add(tensors, update.num_samples, np.asarray(update.label_counts), client=update.client_id,
-                            weight=weight_of[update.client_id])
-        opened.accumulator = accumulator
+        opened.accumulator.close()
+        return self.reload(opened, weights=dict(zip(clients, weights)))
 
     def _make_open(self, row: RoundRecord) -> OpenRound:
         window = RoundWindow(self.config.id, row.index, row.attempt, self.runtime.version, set(row.selected),
                              row.deadline.timestamp())
-        return OpenRound(row.id, window, self.runtime.new_accumulator())
+        return OpenRound(row.id, window, None if self.clustered else self.runtime.new_accumulator())
 
 
 def _finite(value: float | None) -> float | None:

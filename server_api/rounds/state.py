@@ -10,9 +10,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,6 +25,7 @@ from server_api.db.models import (
     ClientStatus,
     ClientUpdate,
     Job,
+    JobLease,
     JobStatus,
     ModelVersion,
     Round,
@@ -33,6 +35,14 @@ from server_api.db.models import (
 )
 
 T = TypeVar("T")
+
+
+class RoundClosed(Exception):
+    """Accepted updates arrived for a round that is no longer open (another process began closing it)."""
+
+
+class LeaseLost(Exception):
+    """This process no longer holds the job's lease: another one runs its rounds now."""
 DB_ATTEMPTS = 30  # ~ a few minutes of backoff: a PostgreSQL restart must not lose a round
 
 
@@ -147,6 +157,10 @@ class JobStore(Protocol):
     def add_update(self, record: UpdateRecord) -> bool: ...
     def add_updates(self, records: Sequence[UpdateRecord]) -> list[bool]: ...
     def accepted_updates(self, round_id: int) -> list[UpdateRecord]: ...
+    def accepted_clients(self, round_id: int) -> set[str]: ...
+    # leases (several server processes on one job)
+    def acquire_lease(self, holder: str, ttl_s: float) -> bool: ...
+    def release_lease(self, holder: str) -> None: ...
     # clients
     def online_clients(self) -> list[ClientRecord]: ...
     def all_clients(self) -> list[ClientRecord]: ...
@@ -163,15 +177,63 @@ class SqlJobStore:
         self.job_id = job_id
         self._factory = factory
         self.healthy = healthy if healthy is not None else threading.Event()
+        # while set, every write that moves the job's rounds on checks in its transaction that this holder
+        # still has the job's lease (LeaseLost otherwise): a process that lost it cannot close a round
+        self.fence: str | None = None
 
     def _tx(self, fn: Callable[[Session], T]) -> T:
         try:
             result = in_transaction(self._factory, fn, attempts=DB_ATTEMPTS, delay=0.2)
+        except (LeaseLost, RoundClosed):  # answers of a healthy database
+            self.healthy.set()
+            raise
         except Exception:
             self.healthy.clear()
             raise
         self.healthy.set()
         return result
+
+    def _fenced(self, fn: Callable[[Session], T]) -> T:
+        """`fn` in a transaction that first checks (and locks until it ends) this process's lease."""
+        holder = self.fence
+
+        def write(s: Session) -> T:
+            if holder is not None:
+                lease = s.scalars(select(JobLease).where(JobLease.job_id == self.job_id).with_for_update()).first()
+                if lease is None or lease.holder != holder or lease.expires_at <= utcnow():
+                    raise LeaseLost(f"job {self.job_id}: the lease is held by "
+                                    f"{lease.holder if lease else 'nobody'}, not by {holder}")
+            return fn(s)
+        return self._tx(write)
+
+    # -------------------------------------------------------------------------------------- lease
+    def acquire_lease(self, holder: str, ttl_s: float) -> bool:
+        """Take (or renew) the job's lease for `ttl_s` seconds unless another holder's is still valid; True if
+        `holder` holds it now. One conditional UPDATE, so two processes cannot both take an expired lease."""
+        def write(s: Session) -> bool:
+            now = utcnow()
+            taken = s.execute(update(JobLease).where(
+                JobLease.job_id == self.job_id, or_(JobLease.holder == holder, JobLease.expires_at <= now))
+                .values(holder=holder, expires_at=now + timedelta(seconds=ttl_s))
+                .execution_options(synchronize_session=False)).rowcount
+            if taken:
+                return True
+            if s.get(JobLease, self.job_id) is not None:
+                return False
+            s.add(JobLease(job_id=self.job_id, holder=holder, expires_at=now + timedelta(seconds=ttl_s)))
+            s.flush()
+            return True
+        try:
+            return self._tx(write)
+        except IntegrityError:  # another process inserted the first lease row meanwhile
+            return False
+
+    def release_lease(self, holder: str) -> None:
+        """Give the lease up at once (a clean stop), if `holder` has it."""
+        def write(s: Session) -> None:
+            s.execute(update(JobLease).where(JobLease.job_id == self.job_id, JobLease.holder == holder)
+                      .values(expires_at=utcnow()).execution_options(synchronize_session=False))
+        self._tx(write)
 
     # -------------------------------------------------------------------------------------- job
     def job(self) -> JobRecord:
@@ -217,7 +279,7 @@ class SqlJobStore:
                 round_id, result = closes
                 row = _finish_round_row(s, round_id, result)
                 s.get(Job, self.job_id).current_round = row.index + 1
-        self._tx(write)
+        self._fenced(write)
 
     # -------------------------------------------------------------------------------------- rounds
     def attempt_count(self, index: int) -> int:
@@ -233,13 +295,13 @@ class SqlJobStore:
             s.add(row)
             s.flush()
             return row.id
-        return self._tx(write)
+        return self._fenced(write)
 
     def set_round_status(self, round_id: int, status: str) -> None:
-        self._tx(lambda s: setattr(s.get(Round, round_id), "status", RoundStatus(status)))
+        self._fenced(lambda s: setattr(s.get(Round, round_id), "status", RoundStatus(status)))
 
     def finish_round(self, round_id: int, result: RoundResult) -> None:
-        self._tx(lambda s: _finish_round_row(s, round_id, result))
+        self._fenced(lambda s: _finish_round_row(s, round_id, result))
 
     def round_id(self, index: int, attempt: int) -> int | None:
         return self._tx(lambda s: queries.round_id_of(s, self.job_id, index, attempt))
@@ -264,8 +326,13 @@ class SqlJobStore:
 
     def add_updates(self, records: Sequence[UpdateRecord]) -> list[bool]:
         """Insert the records whose idempotency keys are not stored yet, in one transaction (group commit);
-        for each, True if it was inserted. Keys must be distinct."""
+        for each, True if it was inserted. Keys must be distinct. Accepted records are stored only while
+        their round is open (RoundClosed otherwise: whoever closes it has read or will read what is stored)."""
         def write(s: Session) -> list[bool]:
+            for round_id in sorted({r.round_id for r in records if r.status == "accepted"}):
+                status = queries.round_status_for_share(s, round_id)
+                if status != RoundStatus.OPEN:
+                    raise RoundClosed(f"round {round_id} is {status.value if status else 'gone'}")
             taken = {u.idempotency_key for u in queries.updates_by_keys(s, self.job_id,
                                                                         [r.idempotency_key for r in records])}
             s.add_all([self._row(r) for r in records if r.idempotency_key not in taken])
@@ -290,6 +357,9 @@ class SqlJobStore:
 
     def accepted_updates(self, round_id: int) -> list[UpdateRecord]:
         return self._tx(lambda s: [_update_record(u) for u in queries.accepted_updates(s, round_id)])
+
+    def accepted_clients(self, round_id: int) -> set[str]:
+        return self._tx(lambda s: queries.accepted_clients(s, round_id))
 
     # -------------------------------------------------------------------------------------- clients
     def online_clients(self) -> list[ClientRecord]:

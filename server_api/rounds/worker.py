@@ -26,10 +26,11 @@ from server_api import metrics
 from server_api.rounds.clients import ClientRegistry
 from server_api.rounds.context import ServerContext, Stopping
 from server_api.rounds.intake import UpdateIntake, UpdateValidator
+from server_api.rounds.lease import JobLeaseKeeper
 from server_api.rounds.publisher import VersionPublisher
 from server_api.rounds.round import OpenRound, RoundKeeper
 from server_api.rounds.runtime import JobRuntime
-from server_api.rounds.state import JobStore, RoundResult, VersionRecord
+from server_api.rounds.state import JobStore, LeaseLost, RoundResult, VersionRecord
 from shared.mqtt import Message
 from shared.protocol.errors import ValidationError
 from shared.protocol.job import JobConfig
@@ -40,6 +41,8 @@ log = logging.getLogger("fedgen.server")
 
 
 ENDED = ("finished", "failed", "cancelled")
+FOLLOW_POLL_S = 0.5  # a process without the job's lease looks at the open round (and the lease) this often
+FOLLOW_REFRESH_S = 0.1  # and before a batch of updates, when it last looked longer ago than this
 INGEST_BATCH_ENV = "FEDGEN_INGEST_BATCH"  # messages handled together: accepted updates stored per transaction
 DEFAULT_INGEST_BATCH = 256
 
@@ -75,7 +78,9 @@ class JobWorker(threading.Thread):
         self.waiting: tuple[int, int] | None = None  # (online, needed) while a round waits for devices
         self._last_expiry = 0.0
         self._waiting_logged = 0.0
+        self._looked = 0.0
         self.batch = ingest_batch()
+        self.lease = JobLeaseKeeper(self.state, ctx.instance, ctx.lease_s) if ctx.clustered else None
 
     # ------------------------------------------------------------------------------------------ thread
     def run(self) -> None:
@@ -90,6 +95,8 @@ class JobWorker(threading.Thread):
             log.exception("job %s failed", self.job_id)
             self._fail(f"{type(exc).__name__}: {exc}")
         finally:
+            if self.lease is not None:
+                self.lease.release()
             self.drain()
 
     def stop(self) -> None:
@@ -108,7 +115,19 @@ class JobWorker(threading.Thread):
         job = self.state.job()
         if job.status in ENDED:
             return
-        self.config = JobConfig.from_stored(self.job_id, job.config)
+        self._setup(job.config)
+        while not self.stopping.is_set():
+            if self.lease is not None and not self._follow():
+                return
+            try:
+                self._lead()
+                return
+            except LeaseLost as exc:
+                log.warning("job %s: %s; another server process runs its rounds now", self.job_id, exc)
+                self._step_down()
+
+    def _setup(self, stored_config: dict) -> None:
+        self.config = JobConfig.from_stored(self.job_id, stored_config)
         self.runtime = JobRuntime(self.config, self.ctx.data_dir)
         self.publisher = VersionPublisher(self.config, self.state, self.ctx.store, self.ctx.link, self.stopping)
         self.clients = ClientRegistry(self.job_id, self.state, self.ctx.link, self.ctx.partition_release_s)
@@ -118,7 +137,53 @@ class JobWorker(threading.Thread):
         self.intake = UpdateIntake(self.job_id, self.state, self.ctx.store, self.ctx.link, validator,
                                    announced=self.clients.announced)
         self.rounds = RoundKeeper(self.config, self.state, self.ctx.store, self.runtime, self.publisher,
-                                  self.ctx.max_upload_bytes)
+                                  self.ctx.max_upload_bytes, clustered=self.ctx.clustered)
+
+    def _follow(self) -> bool:
+        """Until this process takes the job's lease: ingest updates into the round the database shows open
+        (the lease holder closes it). False when the server stops first; a finished or failed job's late
+        messages are answered until then."""
+        self._step_down()
+        logged = False
+        while not self.stopping.is_set():
+            job = self.state.job()
+            if job.status in ("finished", "failed"):
+                self.open = None
+                self._answer_until_stopped()
+                return False
+            if self.lease.take():
+                self.state.fence = self.lease.holder
+                self.clients.mirror = True
+                return True
+            if not logged:
+                logged = True
+                log.info("job %s: following; another server process runs its rounds", self.job_id)
+            self._look_at_store(with_accepted=True)
+            self._pump(FOLLOW_POLL_S)
+        return False
+
+    def _look_at_store(self, with_accepted: bool) -> None:
+        """Following: the round the database shows open now (and, `with_accepted`, who has an accepted update
+        in it); without, at most every FOLLOW_REFRESH_S (called before each batch of updates, so that an update
+        right after a round opened is not refused for a round this process has not seen yet)."""
+        now = time.monotonic()
+        if not with_accepted and now - self._looked < FOLLOW_REFRESH_S:
+            return
+        self._looked = now
+        self.open = self.rounds.in_store(self.state.job().current_round, self.open, with_accepted)
+
+    def _step_down(self) -> None:
+        """Run no more rounds here: forget the open round, stop fencing and mirroring, let the lease go."""
+        if self.open is not None and self.open.accumulator is not None:
+            self.open.accumulator.close()
+        self.open = None
+        self.state.fence = None
+        self.clients.mirror = False
+        self.lease.release()
+
+    def _lead(self) -> None:
+        """Run the job's rounds until it ends or the server stops."""
+        job = self.state.job()
         version = self._restore()
         self.clients.load()
         self.publisher.publish_version(version, self.runtime)
@@ -127,6 +192,7 @@ class JobWorker(threading.Thread):
         log.info("job %s %s from version %d, round %d", self.job_id, "paused" if job.status == "paused" else
                  "running", self.runtime.version, job.current_round)
         while not self.stopping.is_set():
+            self._check_lease()
             job = self.state.job()
             if job.status == "cancelled":
                 self._cancelled(job.error)
@@ -187,10 +253,17 @@ class JobWorker(threading.Thread):
             if remaining <= 0:
                 return
             self._pump(min(remaining, 0.5), until=lambda: window.complete)
+            if self.lease is not None:  # what the other server processes accepted
+                self._check_lease()
+                window.accepted |= self.state.accepted_clients(self.open.row_id)
             if time.monotonic() - checked >= 1.0:
                 checked = time.monotonic()
                 if self.state.job().status == "cancelled":
                     return
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: the lease was not renewed in time")
 
     def _close(self) -> None:
         opened, self.open = self.open, None
@@ -319,6 +392,8 @@ class JobWorker(threading.Thread):
         self._flush(updates)
 
     def _flush(self, updates: list[tuple[str, bytes]]) -> None:
+        if updates and self.lease is not None and not self.lease.held and not self.finished.is_set():
+            self._look_at_store(with_accepted=False)
         if updates:
             senders = ", ".join(sorted({c for c, _ in updates})[:5]) + (" ..." if len(updates) > 5 else "")
             self._guarded("update", senders, lambda: self.intake.receive_many(updates, self.open), len(updates))

@@ -94,6 +94,9 @@ class MemoryJobStore:
     def accepted_updates(self, round_id: int) -> list[UpdateRecord]:
         return [u for u in self.updates.values() if u.round_id == round_id and u.status == "accepted"]
 
+    def accepted_clients(self, round_id: int) -> set[str]:
+        return {u.client_id for u in self.accepted_updates(round_id)}
+
     def online_clients(self) -> list[ClientRecord]:
         return [c for c in self.clients.values() if c.status == "online"]
 

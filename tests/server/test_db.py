@@ -53,8 +53,8 @@ from server_api.db.store import (
 from shared.fsutil import sha256_hex
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"jobs", "clients", "rounds", "updates", "model_versions", "artifacts"}
-HEAD = "0004"  # the newest migration
+TABLES = {"jobs", "clients", "rounds", "updates", "model_versions", "artifacts", "job_leases"}
+HEAD = "0005"  # the newest migration
 SHA_A, SHA_B, SHA_C = (sha256_hex(x) for x in (b"a", b"b", b"c"))
 
 
