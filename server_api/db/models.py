@@ -302,6 +302,10 @@ class ClientUpdate(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     payload_sha256: Mapped[str | None] = _sha_column(nullable=True)
     payload_bytes: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    # where the accepted tensors lie (ArtifactStore packs, 0005); NULL: a blob of its own at payload_sha256
+    payload_pack: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    payload_offset: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    payload_length: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     received_at: Mapped[datetime] = _now_column()
     model: Mapped[str | None] = mapped_column(String(32), nullable=True)  # None: rows from before 0004
 

@@ -1,18 +1,29 @@
 """Content-addressed blob store on disk: ``root/ab/cdef...`` named by the sha256 of the content.
 
-Model states, ONNX files and client update payloads are stored here; the database keeps only their digests
-(``artifacts`` is the index table). Writes are atomic (temporary file, fsync, ``os.replace``), so a crash
-never leaves a partial blob under a valid name, and every read re-hashes the content.
+Model states and ONNX files are stored here, and client update payloads; the database keeps only their
+digests (``artifacts`` is the index table). Writes are atomic (temporary file, fsync, ``os.replace``), so a
+crash never leaves a partial blob under a valid name, and every read re-hashes the content.
+
+The small updates accepted together (one ingest batch; at most PACK_MAX_BLOB bytes each, e.g. partial
+sharing's theta^p) are written as one *pack*, ``root/packs/ab/cdef...`` (a random name), not a file each:
+one write and one rename for the batch. Their rows say where each lies in its pack (offset, length) and its
+sha256, which every read checks. Larger ones are blobs of their own, where the per-file cost is small next
+to the bytes (bench: 7-46 us per 1.8-16 KB update in a pack against 180-300 us as files; at 108 KB files
+were as fast or faster). Either way one syncfs(2) makes the batch durable.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import uuid
 from pathlib import Path
 
 from shared.fsutil import atomic_write, file_sha256, sha256_hex, syncfs
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_PACK_RE = re.compile(r"[0-9a-f]{32}")
+PACK_MAX_BLOB = 64 * 1024
 
 
 class ArtifactError(Exception):
@@ -71,22 +82,54 @@ class ArtifactStore:
         atomic_write(target, data)
         return sha
 
-    def put_many(self, blobs: list[bytes], digests: list[str] | None = None) -> list[str]:
-        """`put` for many blobs, durable when it returns: written and renamed without a sync each, then one
-        syncfs(2) for them all (group commit); where syncfs is missing, every file and directory is synced.
-        `digests`: their sha256, when the caller has just verified them (an update's tensors_sha256)."""
-        shas, written = [], []
-        for i, data in enumerate(blobs):
-            sha = digests[i] if digests is not None else sha256_hex(data)
-            target = self.path(sha)
-            if not (target.is_file() and file_sha256(target) == sha):
-                atomic_write(target, data, sync=False)
-                written.append((target, data))
-            shas.append(sha)
+    def pack_path(self, name: str) -> Path:
+        if not isinstance(name, str) or not _PACK_RE.fullmatch(name):
+            raise InvalidDigestError(f"not a pack name (32 lowercase hex characters): {name!r}")
+        return self.root / "packs" / name[:2] / name[2:]
+
+    def put_updates(self, blobs: list[bytes], digests: list[str]) -> list[tuple[str | None, int | None]]:
+        """An ingest batch, durable when it returns (one syncfs(2); where it is missing every file and folder
+        is synced): the blobs up to PACK_MAX_BLOB bytes in one new pack, the others a content-addressed blob
+        each (`digests`: their sha256, just verified by the caller). For each, (pack, offset), or (None, None)
+        for a blob of its own at its digest."""
+        small = [i for i, blob in enumerate(blobs) if len(blob) <= PACK_MAX_BLOB]
+        written: list[tuple[Path, bytes]] = []
+        where: list[tuple[str | None, int | None]] = [(None, None)] * len(blobs)
+        if small:
+            name, position = uuid.uuid4().hex, 0
+            for i in small:
+                where[i] = (name, position)
+                position += len(blobs[i])
+            written.append((self.pack_path(name), b"".join(blobs[i] for i in small)))
+        for i, blob in enumerate(blobs):
+            target = self.path(digests[i])
+            if where[i][0] is None and not (target.is_file() and file_sha256(target) == digests[i]):
+                written.append((target, blob))
+        for target, data in written:
+            atomic_write(target, data, sync=False)
         if written and not syncfs(self.root):
             for target, data in written:
                 atomic_write(target, data)  # the slow, portable way: again, synced
-        return shas
+        return where
+
+    def get_packed(self, name: str, offset: int, length: int, sha: str) -> bytes:
+        """The blob at `offset` (`length` bytes) of pack `name`, verified against its sha256 `sha`."""
+        path = self.pack_path(name)
+        validate_sha256(sha)
+        try:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(f"pack {name} not found in {self.root}") from None
+        if len(data) != length or sha256_hex(data) != sha:
+            raise ArtifactCorruptError(f"blob {sha} at {offset} (+{length}) of {path} is corrupt or truncated")
+        return data
+
+    def get_update(self, sha: str, pack: str | None, offset: int | None, length: int | None) -> bytes:
+        """An accepted update's payload from where its row says it is: in a pack, else a blob of its own."""
+        if pack is None:
+            return self.get(sha)
+        return self.get_packed(pack, int(offset or 0), int(length or 0), sha)
 
     def get(self, sha: str) -> bytes:
         """The content of blob ``sha``, verified against its name."""

@@ -274,14 +274,16 @@ class UpdateIntake:
     def _accept(self, arrivals: list[Arrival], open_round: OpenRound, started: float) -> None:
         """Store the payloads, then the rows in one transaction; only then count and acknowledge them."""
         records = []
-        shas = self.store.put_many([a.decision.payload for a in arrivals],  # digests checked by decode_update
-                                   [a.decision.header.tensors_sha256 for a in arrivals])
-        for a, sha in zip(arrivals, shas):
+        payloads = [a.decision.payload for a in arrivals]
+        places = self.store.put_updates(payloads, [a.decision.header.tensors_sha256 for a in arrivals])
+        for a, payload, (pack, offset) in zip(arrivals, payloads, places):
             header = a.decision.header
             records.append(UpdateRecord(
                 open_round.row_id, a.client, header.idempotency_key, "accepted", header.base_version,
                 header.num_samples, list(header.label_counts), dict(header.metrics),
-                payload_sha256=sha, payload_bytes=a.size, model=self._model_of(header)))
+                payload_sha256=header.tensors_sha256,  # checked against the payload by decode_update
+                payload_bytes=a.size, model=self._model_of(header), payload_pack=pack, payload_offset=offset,
+                payload_length=len(payload) if pack else None))
         try:
             stored = self.state.add_updates(records)
         except RoundClosed:  # another server process began closing the round: nothing was stored

@@ -35,6 +35,8 @@ class Orchestrator:
         self._watcher = threading.Thread(target=self._watch_jobs, name="job-watch", daemon=True)
         prefix = f"$share/{share_group}/" if share_group else ""
         self.subscriptions = [f"{prefix}{ROOT}/+/clients/+/update", f"{ROOT}/+/clients/+/presence"]
+        if ctx.clustered:  # multi-chunk uploads passed on to the process running the job's rounds
+            self.subscriptions.append(f"{ROOT}/+/servers/chunks/+")
 
     def start(self) -> Orchestrator:
         for topic in self.subscriptions:

@@ -165,7 +165,7 @@ class RoundKeeper:
         fresh.window.accepted = set()
         spec = self.runtime.upload_spec()
         for update in sorted(self.state.accepted_updates(opened.row_id), key=lambda u: u.client_id):
-            tensors = decode_tensors(self.store.get(update.payload_sha256), spec, max_bytes=self.max_upload_bytes)
+            tensors = decode_tensors(update.payload(self.store), spec, max_bytes=self.max_upload_bytes)
             fresh.add(update.client_id, tensors, update.num_samples, update.label_counts, update.metrics,
                       update.payload_bytes, update.model, weight=weights[update.client_id] if weights else None)
         return fresh

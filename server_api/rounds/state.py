@@ -33,6 +33,7 @@ from server_api.db.models import (
     UpdateStatus,
     utcnow,
 )
+from server_api.db.store import ArtifactStore
 
 T = TypeVar("T")
 
@@ -103,6 +104,13 @@ class UpdateRecord:
     payload_sha256: str | None = None
     payload_bytes: int = 0
     model: str | None = None  # the model it was trained with (None: not recorded, rows before migration 0004)
+    payload_pack: str | None = None  # where its tensors lie in the store: pack, offset, length (None: a blob
+    payload_offset: int | None = None  # of its own at payload_sha256, rows before migration 0005)
+    payload_length: int | None = None
+
+    def payload(self, store: ArtifactStore) -> bytes:
+        """The accepted update's tensors (safetensors bytes) from the store, verified against its sha256."""
+        return store.get_update(self.payload_sha256, self.payload_pack, self.payload_offset, self.payload_length)
 
 
 @dataclass(frozen=True)
@@ -353,7 +361,9 @@ class SqlJobStore:
             idempotency_key=record.idempotency_key, base_version=record.base_version,
             num_samples=record.num_samples, label_counts=list(record.label_counts),
             metrics=dict(record.metrics), status=UpdateStatus(record.status), reason=record.reason,
-            payload_sha256=record.payload_sha256, payload_bytes=record.payload_bytes, model=record.model)
+            payload_sha256=record.payload_sha256, payload_bytes=record.payload_bytes, model=record.model,
+            payload_pack=record.payload_pack, payload_offset=record.payload_offset,
+            payload_length=record.payload_length)
 
     def accepted_updates(self, round_id: int) -> list[UpdateRecord]:
         return self._tx(lambda s: [_update_record(u) for u in queries.accepted_updates(s, round_id)])
@@ -423,7 +433,8 @@ def _update_record(row: ClientUpdate | None) -> UpdateRecord | None:
         return None
     return UpdateRecord(row.round_id, row.client_id, row.idempotency_key, row.status.value, row.base_version,
                         row.num_samples, list(row.label_counts), dict(row.metrics), row.reason,
-                        row.payload_sha256, row.payload_bytes, row.model)
+                        row.payload_sha256, row.payload_bytes, row.model, row.payload_pack, row.payload_offset,
+                        row.payload_length)
 
 
 def _client_record(row: Client) -> ClientRecord:

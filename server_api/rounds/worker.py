@@ -33,6 +33,7 @@ from server_api.rounds.runtime import JobRuntime
 from server_api.rounds.state import JobStore, LeaseLost, RoundResult, VersionRecord
 from shared.mqtt import Message
 from shared.protocol.errors import ValidationError
+from shared.protocol.frames import decode_chunk
 from shared.protocol.job import JobConfig
 from shared.protocol.messages import RoundAnnouncement
 from shared.protocol.topics import Topics
@@ -380,9 +381,16 @@ class JobWorker(threading.Thread):
         accepted ones), a presence in between is handled in its place."""
         updates: list[tuple[str, bytes]] = []
         for msg in batch:
+            forwarded = self.topics.forwarded_from(msg.topic) if self.lease is not None else None
+            if forwarded is not None:
+                if self.lease.held:  # else sent to the process that ran the rounds before: the device re-sends
+                    updates.append((forwarded, msg.payload))
+                continue
             client = self.topics.client_of(msg.topic)
             if client is None:
                 self._refused("bad_topic")
+            elif msg.topic.endswith("/update") and self._forwarded(client, msg.payload):
+                continue
             elif msg.topic.endswith("/update"):
                 updates.append((client, msg.payload))
             else:
@@ -390,6 +398,21 @@ class JobWorker(threading.Thread):
                 updates = []
                 self._guarded("presence", client, functools.partial(self.clients.receive, client, msg.payload))
         self._flush(updates)
+
+    def _forwarded(self, client: str, raw: bytes) -> bool:
+        """Following, a chunk of a multi-chunk upload is passed on to the process running the rounds (the
+        broker's share group deals chunks out round-robin; one process must hold all of a stream's): True
+        if it was. Anything that does not decode as such a chunk is handled (and refused) here."""
+        if self.lease is None or self.lease.held or self.finished.is_set():
+            return False
+        try:
+            chunk = decode_chunk(raw, max_payload=self.ctx.max_upload_bytes)
+        except ValidationError:
+            return False
+        if chunk.count == 1:
+            return False
+        self.ctx.link.publish(self.topics.forwarded(client), raw)
+        return True
 
     def _flush(self, updates: list[tuple[str, bytes]]) -> None:
         if updates and self.lease is not None and not self.lease.held and not self.finished.is_set():

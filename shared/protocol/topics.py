@@ -43,6 +43,19 @@ class Topics:
     def assignment(self, client: str) -> str:  # retained, server -> client: its partition index (index=auto)
         return f"{self.base}/clients/{client}/assignment"
 
+    def forwarded(self, client: str) -> str:  # server -> the server running the job's rounds
+        """A chunk of a multi-chunk upload from `client`, passed on by a server process that does not run the
+        job's rounds to the one that does (docs/scaling.md): only server identities may use servers/..."""
+        return f"{self.base}/servers/chunks/{client}"
+
+    def forwarded_from(self, topic: str) -> str | None:
+        """The client of a servers/chunks/<id> topic of this job, or None."""
+        prefix = f"{self.base}/servers/chunks/"
+        if topic.startswith(prefix):
+            client = topic[len(prefix):]
+            return client if is_valid_id(client) else None
+        return None
+
     @property
     def all_presence(self) -> str:
         return f"{self.base}/clients/+/presence"

@@ -155,6 +155,12 @@ class RawMqtt:
             self.client.loop_stop()
 
 
+def stored_tensors(store: ArtifactStore, row: ClientUpdate) -> dict[str, torch.Tensor]:
+    """The tensors of an accepted update row, read from the store where the row says they are."""
+    return load_tensors(store.get_update(row.payload_sha256, row.payload_pack, row.payload_offset,
+                                         row.payload_length))
+
+
 def upload_tensors(job_config: dict, value: float | None = None) -> dict[str, torch.Tensor]:
     """Tensors with the job's upload spec (the shared entries); constant `value`, else small random."""
     spec = JobRuntime(convert(JobConfig, job_config, "job")).upload_spec()

@@ -31,6 +31,7 @@ from raw_fleet import (
     server_only_job,
     session_of,
     start_job,
+    stored_tensors,
     upload_tensors,
     wait_for,
 )
@@ -144,7 +145,7 @@ def test_late_update_is_refused_and_does_not_touch_the_next_round(fleet_factory,
                  if k.startswith("model/")}
         # the model of round 1 is exactly the sample-weighted mean of round 1's accepted updates
         total = sum(u.num_samples for u in ups)
-        uploads = [(load_tensors(store.get(u.payload_sha256)), u.num_samples) for u in ups]
+        uploads = [(stored_tensors(store, u), u.num_samples) for u in ups]
         for name in uploads[0][0]:
             mean = sum(t[name].double() * n for t, n in uploads) / total
             assert torch.allclose(model[name].double(), mean, atol=1e-6), name

@@ -73,8 +73,10 @@ def final_state(fleet: Fleet) -> tuple[int, str]:
 
 
 def test_two_servers_split_a_burst_and_count_each_update_once(fleet_maker, raw_mqtt, fresh_postgres_url):
-    """600 updates through the servers' share group: each is acknowledged `accepted` exactly once, stored
-    once, counted in the round once, and both processes took a share."""
+    """600 updates through the servers' share group, half of them in chunks of 512 bytes (the broker deals
+    a stream's chunks out to both processes; the one that does not run the rounds passes them on): each is
+    acknowledged `accepted` exactly once, stored once, counted in the round once, and both processes took a
+    share."""
     burst = 600
     job = "cluster-burst"
     config = server_only_job(job, burst)
@@ -91,10 +93,12 @@ def test_two_servers_split_a_burst_and_count_each_update_once(fleet_maker, raw_m
     time.sleep(2 * 0.5)  # both processes have seen the open round (they look every 0.5 s)
     tensors = upload_tensors(config)
     keys, items = {}, []
-    for c in ids:
+    for n, c in enumerate(ids):
         header, envelope = craft_update(job, c, 0, 0, 0, tensors)
         keys[header.idempotency_key] = c
-        items += [(topics.update(c), chunk) for chunk in split_chunks(envelope, header.idempotency_key)]
+        size = 512 if n % 2 else len(envelope)
+        assert len(split_chunks(envelope, "s", size)) == (1 if n % 2 == 0 else 4)
+        items += [(topics.update(c), chunk) for chunk in split_chunks(envelope, header.idempotency_key, size)]
     raw.publish_all(items, timeout=300)
     wait_for(lambda: len(raw.acks()) >= burst, timeout=300, interval=1.0, what=f"{burst} acks")
     acks = raw.acks()

@@ -6,7 +6,7 @@ import signal
 
 import numpy as np
 import pytest
-from safetensors.torch import load as load_tensors
+from raw_fleet import stored_tensors
 from sqlalchemy import select
 
 from edge_client.state import DeviceState, job_state_dir
@@ -89,7 +89,7 @@ def test_partial_mode_uploads_only_the_predictor(fleet_factory):
         updates = session.scalars(select(ClientUpdate).where(ClientUpdate.status == UpdateStatus.ACCEPTED)).all()
         assert len(updates) == 6
         for upd in updates:
-            assert set(load_tensors(store.get(upd.payload_sha256))) == {"predictor.weight", "predictor.bias"}
+            assert set(stored_tensors(store, upd)) == {"predictor.weight", "predictor.bias"}
             assert upd.payload_bytes < 3_000  # 330 floats + header, vs ~110 kB for the whole CNN
     assert all(r["bytes_up"] < 3 * 3_000 for r in summary["rounds"])
 
@@ -150,7 +150,7 @@ def test_devices_with_different_models_finish_a_fedgen_job(fleet_factory):
         assert len(updates) == 3 * 4
         for upd in updates:
             assert upd.model == model_of[upd.client_id]
-            assert set(load_tensors(store.get(upd.payload_sha256))) == {"predictor.weight", "predictor.bias"}
+            assert set(stored_tensors(store, upd)) == {"predictor.weight", "predictor.bias"}
     for record in summary["rounds"]:  # the figures per model add up to the round's
         stats = record["model_stats"]
         assert set(stats) == set(models)

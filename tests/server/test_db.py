@@ -45,6 +45,7 @@ from server_api.db import (
 )
 from server_api.db.engine import DEFAULT_DATABASE_URL, ENV_VAR
 from server_api.db.store import (
+    PACK_MAX_BLOB,
     ArtifactCorruptError,
     ArtifactNotFoundError,
     ArtifactStore,
@@ -638,22 +639,52 @@ def test_store_put_is_idempotent(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("with_syncfs", [True, False])
-def test_store_put_many_writes_each_blob_once(tmp_path: Path, monkeypatch, with_syncfs: bool) -> None:
-    """The group-commit write: one syncfs for the batch, or (without syncfs) every file synced; the same
-    content addressed files either way, an existing blob not rewritten, no temp files left."""
+def test_store_ingest_batch_packs_small_updates_and_files_large_ones(tmp_path: Path, monkeypatch,
+                                                                      with_syncfs: bool) -> None:
+    """The group-commit write of an ingest batch: the small updates in one pack file, the large ones a
+    content-addressed blob each (one already there not rewritten); one syncfs, or without it every file
+    synced; every blob read back from where its row would say and checked; no temp files left."""
     import server_api.db.store as store_module
 
     if not with_syncfs:
         monkeypatch.setattr(store_module, "syncfs", lambda path: False)
     store = ArtifactStore(tmp_path)
-    kept = store.put(b"already there")
-    mtime = store.path(kept).stat().st_mtime_ns
-    blobs = [os.urandom(2000) for _ in range(20)] + [b"already there"]
-    shas = store.put_many(blobs, digests=[sha256_hex(b) for b in blobs])
-    assert shas == [sha256_hex(b) for b in blobs] == store.put_many(blobs)
-    assert all(store.get(sha) == blob for sha, blob in zip(shas, blobs))
-    assert store.path(kept).stat().st_mtime_ns == mtime
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
+    kept = os.urandom(PACK_MAX_BLOB + 1)
+    store.put(kept)
+    mtime = store.path(sha256_hex(kept)).stat().st_mtime_ns
+    blobs = [os.urandom(n) for n in (2000, 1, PACK_MAX_BLOB, 0)] + [os.urandom(108_000), kept]
+    places = store.put_updates(blobs, [sha256_hex(b) for b in blobs])
+    (name, _), *_ = places
+    assert places == [(name, 0), (name, 2000), (name, 2001), (name, 2001 + PACK_MAX_BLOB), (None, None),
+                      (None, None)]
+    files = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert files == {store.pack_path(name), store.path(sha256_hex(blobs[4])), store.path(sha256_hex(kept))}
+    assert store.path(sha256_hex(kept)).stat().st_mtime_ns == mtime
+    for blob, (pack, offset) in zip(blobs, places):
+        assert store.get_update(sha256_hex(blob), pack, offset, len(blob) if pack else None) == blob
+    assert store.put_updates(blobs[:1], [sha256_hex(blobs[0])])[0][0] != name  # a new pack every batch
+    assert store.put_updates([blobs[4]], [sha256_hex(blobs[4])]) == [(None, None)]
+
+
+def test_store_pack_refuses_corrupt_truncated_and_misnamed(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    blobs = [b"first update", b"second update"]
+    (name, first), (_, second) = store.put_updates(blobs, [sha256_hex(b) for b in blobs])
+    offsets = [first, second]
+    with pytest.raises(ArtifactCorruptError):  # the wrong place: the bytes do not hash to the row's sha256
+        store.get_packed(name, offsets[0] + 1, len(blobs[0]), sha256_hex(blobs[0]))
+    with pytest.raises(ArtifactCorruptError):  # beyond the end of the pack
+        store.get_packed(name, offsets[1], len(blobs[1]) + 5, sha256_hex(blobs[1]))
+    path = store.pack_path(name)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ArtifactCorruptError):
+        store.get_packed(name, offsets[1], len(blobs[1]), sha256_hex(blobs[1]))
+    assert store.get_packed(name, offsets[0], len(blobs[0]), sha256_hex(blobs[0])) == blobs[0]
+    with pytest.raises(ArtifactNotFoundError):
+        store.get_packed("0" * 32, 0, 1, SHA_A)
+    for bad in ("../" + "0" * 29, "0" * 31, "A" * 32, SHA_A):
+        with pytest.raises(InvalidDigestError):
+            store.get_packed(bad, 0, 1, SHA_A)
 
 
 def test_store_detects_corruption(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def test_accepted_update_is_stored_counted_and_acked_once(engine: Engine):
     assert [a.status for a in engine.acks(client)] == ["accepted", "duplicate"]
     assert opened.window.accepted == {client} and opened.accumulator.count == 1 and opened.bytes_up > 0
     record = engine.state.updates["k" * 16]
-    assert record.status == "accepted" and engine.store.has(record.payload_sha256)
+    assert record.status == "accepted" and record.payload(engine.store)
 
 
 def test_a_second_update_of_a_client_is_a_duplicate_and_not_counted(engine: Engine):
