@@ -3,7 +3,8 @@ delivery rate for the same payloads, with the server's peak memory and round-clo
 devices. Writes bench/results/scale.md; its last line printed is one JSON object for the largest run.
 
     python bench/scale.py [--devices 1000,3000,10000] [--db sqlite,postgres] [--mode partial,full]
-                          [--batch 256,1] [--backlog 1000,0] [--servers 1,2] [--pg-url URL] [--out FILE]
+                          [--batch 256,1] [--backlog 1000,0] [--servers 1,2] [--repeats N] [--pg-url URL]
+                          [--out FILE]
 
 One paho connection publishes the round's N updates (valid FedAvg updates crafted for N device ids; the
 server cannot tell them from N devices) at QoS 1 and collects the acks. "raw" publishes the same payloads
@@ -12,6 +13,8 @@ size (FEDGEN_INGEST_BATCH: updates stored per transaction; 1 is one transaction 
 server's bound on received, unhandled messages (FEDGEN_MAX_BACKLOG; 0: none, the link reads everything);
 `--servers` the number of server processes sharing the ingest (2: `fedgen server --shared-subscription`
 twice on the same database, docs/scaling.md; peak RSS is then the sum of the processes' peaks).
+`--repeats N` runs everything N times over (raw Mosquitto again each time) and reports medians: lost and
+duplicated are summed over the repeats, peak RSS is the largest.
 """
 
 from __future__ import annotations
@@ -191,6 +194,7 @@ def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str 
     finally:
         raw.close()
         fleet.stop()
+        shutil.rmtree(workdir / job, ignore_errors=True)  # up to a GB of blobs per run
 
 
 def main() -> int:
@@ -203,6 +207,7 @@ def main() -> int:
     parser.add_argument("--batch", default="256,1", help="FEDGEN_INGEST_BATCH values to compare")
     parser.add_argument("--backlog", default="1000", help="FEDGEN_MAX_BACKLOG values to compare (0: unbounded)")
     parser.add_argument("--servers", default="1", help="server processes sharing the ingest, values to compare")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every configuration (medians reported)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedgen-scale"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.md")
     args = parser.parse_args()
@@ -210,32 +215,64 @@ def main() -> int:
     broker = start_broker(config=dev_broker_config(), workdir=args.workdir / "broker")
     rows = []
     try:
-        for mode in args.mode.split(","):
-            for devices in (int(d) for d in args.devices.split(",")):
-                items, _ = crafted_updates(job_config("raw", devices, mode), [f"d{i:06d}" for i in range(devices)])
-                raw = raw_rate(broker.port, items)
-                for db in args.db.split(","):
-                    for batch in (int(b) for b in args.batch.split(",")):
-                        for backlog in (int(q) for q in args.backlog.split(",")):
-                            for servers in (int(n) for n in args.servers.split(",")):
-                                db_url = None
-                                if db == "postgres":
-                                    db_url = fresh_postgres(args.pg_url, f"fedgen_scale_{mode}_{devices}_{batch}_"
-                                                                         f"{backlog}_{servers}")
-                                row = server_run(broker.url, broker.port, devices, mode, db_url, batch,
-                                                 args.workdir / db, backlog, servers)
-                                row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
-                                rows.append(row)
-                                print(json.dumps(row), flush=True)
+        for rep in range(args.repeats):
+            rows += measure_all(args, broker, rep)
     finally:
         broker.stop()
+    rows = medians(rows)
     write_report(rows, args)
     largest = max(rows, key=lambda r: (r["devices"], r["batch"], r["db"] == "sqlite", r["mode"] == "full",
                                        r["servers"]))
     print(json.dumps({k: largest[k] for k in ("devices", "server_per_s", "raw_per_s", "ratio", "lost",
                                               "duplicated", "peak_rss_mib", "batch", "backlog", "mode", "db",
-                                              "servers")}))
+                                              "servers", "repeats")}))
     return 0
+
+
+def measure_all(args: argparse.Namespace, broker, rep: int) -> list[dict]:
+    """One run (`rep`) of every configuration, raw Mosquitto measured before each (mode, devices)."""
+    rows = []
+    for mode in args.mode.split(","):
+        for devices in (int(d) for d in args.devices.split(",")):
+            items, _ = crafted_updates(job_config("raw", devices, mode), [f"d{i:06d}" for i in range(devices)])
+            raw = raw_rate(broker.port, items)
+            for db in args.db.split(","):
+                for batch in (int(b) for b in args.batch.split(",")):
+                    for backlog in (int(q) for q in args.backlog.split(",")):
+                        for servers in (int(n) for n in args.servers.split(",")):
+                            db_url = None
+                            if db == "postgres":
+                                db_url = fresh_postgres(args.pg_url, f"fedgen_scale_{mode}_{devices}_{batch}_"
+                                                                     f"{backlog}_{servers}")
+                            row = server_run(broker.url, broker.port, devices, mode, db_url, batch,
+                                             args.workdir / f"r{rep}" / db, backlog, servers)
+                            row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+    return rows
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per configuration: medians of the rates and times over its repeats, lost and duplicated
+    summed, the largest peak RSS; `repeats` and the rates' range (min-max) added."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["devices"], r["db"], r["batch"], r["backlog"], r["servers"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        row = dict(runs[0])
+        for key in ("seconds", "server_per_s", "raw_per_s", "ratio"):
+            row[key] = statistics.median(r[key] for r in runs)
+        closes = [r["round_seconds_after_last_ack"] for r in runs if r["round_seconds_after_last_ack"] is not None]
+        row["round_seconds_after_last_ack"] = statistics.median(closes) if closes else None
+        row.update(lost=sum(r["lost"] for r in runs), duplicated=sum(r["duplicated"] for r in runs),
+                   accepted=sum(r["accepted"] for r in runs), peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
+                   repeats=len(runs), server_range=(min(r["server_per_s"] for r in runs),
+                                                    max(r["server_per_s"] for r in runs)))
+        out.append(row)
+    return out
 
 
 def fresh_postgres(url: str, name: str) -> str:
@@ -253,13 +290,15 @@ def fresh_postgres(url: str, name: str) -> str:
 def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     lines = ["# Ingest at scale: the server against raw Mosquitto", "",
              f"`python bench/scale.py --devices {args.devices} --db {args.db} --mode {args.mode} --batch "
-             f"{args.batch} --backlog {args.backlog} --servers {args.servers}` on {platform.machine()} "
+             f"{args.batch} --backlog {args.backlog} --servers {args.servers} --repeats {args.repeats}` on "
+             f"{platform.machine()} "
              f"({os.cpu_count()} cores), Python "
              f"{platform.python_version()}. "
              "One publisher, QoS 1; raw: the same payloads to a plain paho subscriber through the same broker, "
              "in the same run. Server: accepted and acknowledged updates per second, from the first publish to "
              "the last ack; peak RSS of the server process (VmHWM). A shared, noisy machine: compare the rows of "
-             "one run.", "",
+             "one run. With repeats: medians (the server's range over the repeats in brackets), lost and "
+             "duplicated summed over them, the largest peak RSS.", "",
              "| mode | database | devices | payload (B) | ingest batch | max backlog | server processes "
              "| server (upd/s) | raw (msg/s) | server / raw | lost | duplicated | accepted "
              "| round closed after the last ack (s) | peak RSS (MiB) |",
@@ -267,7 +306,7 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         lines.append(f"| {r['mode']} | {r['db']} | {r['devices']:,} | {r['payload_bytes']:,} | {r['batch']} | "
                      f"{r['backlog'] or 'none'} | {r.get('servers', 1)} | "
-                     f"{r['server_per_s']:.0f} | "
+                     f"{r['server_per_s']:.0f}{_range(r)} | "
                      f"{r['raw_per_s']:.0f} | {r['ratio']:.3f} | {r['lost']} | {r['duplicated']} | {r['accepted']:,} | "
                      f"{_seconds(r.get('round_seconds_after_last_ack'))} | {r['peak_rss_mib']:.0f} |")
     plot = args.out.with_suffix(".png")
@@ -275,6 +314,11 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     lines += ["", f"![throughput, ratio, round close and peak RSS against the number of devices]({plot.name})"]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out} and {plot}")
+
+
+def _range(row: dict) -> str:
+    low, high = row.get("server_range", (0, 0))
+    return f" [{low:.0f}-{high:.0f}]" if row.get("repeats", 1) > 1 else ""
 
 
 def _seconds(value: float | None) -> str:

@@ -60,6 +60,7 @@ class OpenRound:
     opened_at: float = field(default_factory=time.monotonic)
     tests: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # client -> (correct, count, loss)
     models: dict[str, str | None] = field(default_factory=dict)  # client -> the model it trained
+    frozen: bool = False  # its close had begun (status aggregating): it takes no more updates, close it now
 
     def add(self, client: str, tensors: Mapping[str, np.ndarray], num_samples: int, label_counts: list[int],
             metrics: Mapping[str, float], size: int, model: str | None = None, weight: float | None = None) -> None:
@@ -153,6 +154,7 @@ class RoundKeeper:
             opened.window.accepted = self.state.accepted_clients(row.id)
         else:
             opened = self.reload(opened)
+        opened.frozen = row.status == "aggregating"
         log.info("job %s resumed round %d (attempt %d) with %d accepted updates", self.config.id, row.index,
                  row.attempt, len(opened.window.accepted))
         self.announce(opened)

@@ -249,7 +249,7 @@ class JobWorker(threading.Thread):
         is cancelled (checked about once a second)."""
         window = self.open.window
         checked = time.monotonic()
-        while not self.stopping.is_set() and not window.complete:
+        while not self.stopping.is_set() and not window.complete and not self.open.frozen:
             remaining = window.deadline - time.time()
             if remaining <= 0:
                 return

@@ -97,6 +97,36 @@ def logits_by_sample(predictor: nn.Module, stacked: Mapping[str, torch.Tensor], 
     return all_predictors(predictor, stacked, z).transpose(0, 1)
 
 
+class TeacherTerm:
+    """Eq. 4's teacher term over K clients' predictors with label weights w (K x C), for a batch of latents z
+    and labels y: sum_k mean_b w[k, y_b] * CE(h_k(z_b), y_b).
+
+    CE is log-sum-exp minus the logit of the label. For linear predictors (every shipped model's) the second
+    part is linear in the predictors, so its weighted sum over clients is precomputed once per round (one
+    C x latent matrix and C biases): per step only the log-sum-exp needs every client's logits (one matrix
+    product, B x K x C), not a gather over them and its scatter back. Any other predictor goes through
+    `logits_by_sample`. The same value either way, up to float summation order (tests/algorithm)."""
+
+    def __init__(self, predictor: nn.Module, stacked: Mapping[str, torch.Tensor], weights: torch.Tensor):
+        self.predictor = predictor
+        self.stacked = stacked
+        self.weights = weights  # K x C
+        self.linear = type(predictor) is nn.Linear and set(stacked) == {"weight", "bias"}
+        if self.linear:  # sum_k w[k, c] * (W_k[c], b_k[c]): the label's logit, summed over clients, per class
+            self.label_weight = torch.einsum("kc,kcd->cd", weights, stacked["weight"])  # C x latent
+            self.label_bias = (weights * stacked["bias"]).sum(0)  # C
+
+    def __call__(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the teacher term, the logits B x K x C)."""
+        w = self.weights[:, y].T  # B x K
+        logits = logits_by_sample(self.predictor, self.stacked, z)
+        if self.linear:
+            label_logits = (z * self.label_weight[y]).sum(1) + self.label_bias[y]  # B: sum_k w * picked logit
+            return ((w * torch.logsumexp(logits, dim=2)).sum(1) - label_logits).mean(), logits
+        picked = logits.gather(2, y.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(2)
+        return (w * (torch.logsumexp(logits, dim=2) - picked)).mean(dim=0).sum(), logits
+
+
 def train_generator(
     generator: Generator,
     optimizer: torch.optim.Optimizer,
@@ -126,24 +156,22 @@ def train_generator(
     for group in optimizer.param_groups:
         group["lr"] = cfg.generator_lr_at(round_idx)
     generator.train()
+    teacher_term = TeacherTerm(predictor, stacked, weights)
     teacher = div = torch.zeros(())
-    accuracy = 0.0
+    logits = y = None
     for _ in range(cfg.generator_steps):
         y = available[torch.randint(len(available), (cfg.generator_batch_size,), generator=rng)]
         noise = sample_noise(len(y), generator.noise_dim, rng)
         z = generator(noise, y)
-        logits = logits_by_sample(predictor, stacked, z)  # B x K x C: every client's predictor at once
-        w = weights[:, y].T  # B x K
-        # cross-entropy of every (sample, client) pair: log-sum-exp minus the logit of the sample's label
-        picked = logits.gather(2, y.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(2)
-        ce = torch.logsumexp(logits, dim=2) - picked  # B x K
-        teacher = (w * ce).mean(dim=0).sum()
-        ensemble = torch.einsum("bk,bkc->bc", w, logits.detach())
+        teacher, logits = teacher_term(z, y)  # every client's predictor at once
         div = diversity_loss(noise, z)
         loss = teacher + cfg.diversity_weight * div
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    accuracy = 0.0
+    if logits is not None:  # the label-weighted ensemble's accuracy on the last step's samples
+        ensemble = torch.einsum("bk,bkc->bc", weights[:, y].T, logits.detach())
         accuracy = float((ensemble.argmax(1) == y).float().mean())
     generator.eval()
     return GeneratorStats(float(teacher.detach()), float(div.detach()), accuracy)

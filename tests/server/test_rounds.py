@@ -202,6 +202,10 @@ def test_resume_readds_accepted_updates(engine: Engine):
     engine.send("a", engine.update("a", opened), opened)
     resumed = engine.rounds.resume(0)
     assert resumed.row_id == opened.row_id and resumed.window.accepted == {"a"} and resumed.accumulator.count == 1
+    assert not resumed.frozen
+    engine.state.set_round_status(opened.row_id, "aggregating")  # the server died while closing it
+    frozen = engine.rounds.resume(0)
+    assert frozen.frozen and frozen.window.accepted == {"a"}  # closed at once, not at the deadline
 
 
 # ------------------------------------------------------------------------------------------------- clients
