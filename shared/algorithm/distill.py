@@ -85,46 +85,47 @@ def all_predictors(predictor: nn.Module, stacked: Mapping[str, torch.Tensor], z:
     return vmap(lambda params: functional_call(predictor, params, (z,)))(dict(stacked))
 
 
-def logits_by_sample(predictor: nn.Module, stacked: Mapping[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """Logits B x K x C of the K stacked predictors on z (B x latent). A linear predictor (every shipped
-    model's) is one matrix product against all K weight matrices side by side (2.4 s against 3.2 s for the
-    vmap, 10,000 clients: bench/results/generator_scale.md); any other predictor goes through
-    `all_predictors`."""
-    if type(predictor) is nn.Linear and set(stacked) == {"weight", "bias"}:  # a subclass may change forward
-        weight, bias = stacked["weight"], stacked["bias"]  # K x C x latent, K x C
-        k, c, latent = weight.shape
-        return torch.addmm(bias.reshape(1, k * c), z, weight.reshape(k * c, latent).T).view(len(z), k, c)
-    return all_predictors(predictor, stacked, z).transpose(0, 1)
-
-
 class TeacherTerm:
     """Eq. 4's teacher term over K clients' predictors with label weights w (K x C), for a batch of latents z
     and labels y: sum_k mean_b w[k, y_b] * CE(h_k(z_b), y_b).
 
     CE is log-sum-exp minus the logit of the label. For linear predictors (every shipped model's) the second
     part is linear in the predictors, so its weighted sum over clients is precomputed once per round (one
-    C x latent matrix and C biases): per step only the log-sum-exp needs every client's logits (one matrix
-    product, B x K x C), not a gather over them and its scatter back. Any other predictor goes through
-    `logits_by_sample`. The same value either way, up to float summation order (tests/algorithm)."""
+    C x latent matrix and C biases), and the log-sum-exp needs every client's logits from one matrix product
+    against all K predictors side by side, classes outermost (B x C x K: the reduction over the C classes
+    runs over contiguous rows of K, and the bias rides in the product as a column): no gather over the
+    clients, no scatter back. Any other predictor goes through a vmap over the module (`all_predictors`).
+    The same value either way, up to float summation order (tests/algorithm/test_formulas.py)."""
 
     def __init__(self, predictor: nn.Module, stacked: Mapping[str, torch.Tensor], weights: torch.Tensor):
         self.predictor = predictor
         self.stacked = stacked
         self.weights = weights  # K x C
-        self.linear = type(predictor) is nn.Linear and set(stacked) == {"weight", "bias"}
-        if self.linear:  # sum_k w[k, c] * (W_k[c], b_k[c]): the label's logit, summed over clients, per class
-            self.label_weight = torch.einsum("kc,kcd->cd", weights, stacked["weight"])  # C x latent
-            self.label_bias = (weights * stacked["bias"]).sum(0)  # C
-
-    def __call__(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the teacher term, the logits B x K x C)."""
-        w = self.weights[:, y].T  # B x K
-        logits = logits_by_sample(self.predictor, self.stacked, z)
+        self.linear = type(predictor) is nn.Linear and set(stacked) == {"weight", "bias"}  # a subclass may differ
         if self.linear:
+            weight, bias = stacked["weight"], stacked["bias"]  # K x C x latent, K x C
+            k, c, latent = weight.shape
+            # (C*K) x (latent + 1): class-major rows [W_k[c], b_k[c]]
+            self.rows = torch.cat([weight.transpose(0, 1).reshape(c * k, latent), bias.T.reshape(c * k, 1)], 1)
+            self.shape = (c, k)
+            # sum_k w[k, c] * (W_k[c], b_k[c]): the label's logit summed over the clients, per class
+            self.label_weight = torch.einsum("kc,kcd->cd", weights, weight)  # C x latent
+            self.label_bias = (weights * bias).sum(0)  # C
+
+    def __call__(self, z: torch.Tensor, y: torch.Tensor, ensemble: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher term, and with `ensemble` the label-weighted ensemble's logits (B x C, no gradient)."""
+        w = self.weights[:, y].T  # B x K
+        if self.linear:
+            ones = torch.ones(len(z), 1, dtype=z.dtype)
+            logits = (torch.cat([z, ones], 1) @ self.rows.T).view(len(z), *self.shape)  # B x C x K
             label_logits = (z * self.label_weight[y]).sum(1) + self.label_bias[y]  # B: sum_k w * picked logit
-            return ((w * torch.logsumexp(logits, dim=2)).sum(1) - label_logits).mean(), logits
+            teacher = ((w * torch.logsumexp(logits, dim=1)).sum(1) - label_logits).mean()
+            return teacher, torch.einsum("bk,bck->bc", w, logits.detach()) if ensemble else None
+        logits = all_predictors(self.predictor, self.stacked, z).transpose(0, 1)  # B x K x C
         picked = logits.gather(2, y.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(2)
-        return (w * (torch.logsumexp(logits, dim=2) - picked)).mean(dim=0).sum(), logits
+        teacher = (w * (torch.logsumexp(logits, dim=2) - picked)).mean(dim=0).sum()
+        return teacher, torch.einsum("bk,bkc->bc", w, logits.detach()) if ensemble else None
 
 
 def train_generator(
@@ -158,20 +159,19 @@ def train_generator(
     generator.train()
     teacher_term = TeacherTerm(predictor, stacked, weights)
     teacher = div = torch.zeros(())
-    logits = y = None
-    for _ in range(cfg.generator_steps):
+    accuracy = 0.0
+    for step in range(cfg.generator_steps):
         y = available[torch.randint(len(available), (cfg.generator_batch_size,), generator=rng)]
         noise = sample_noise(len(y), generator.noise_dim, rng)
         z = generator(noise, y)
-        teacher, logits = teacher_term(z, y)  # every client's predictor at once
+        last = step == cfg.generator_steps - 1
+        teacher, ensemble = teacher_term(z, y, ensemble=last)  # every client's predictor at once
         div = diversity_loss(noise, z)
         loss = teacher + cfg.diversity_weight * div
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    accuracy = 0.0
-    if logits is not None:  # the label-weighted ensemble's accuracy on the last step's samples
-        ensemble = torch.einsum("bk,bkc->bc", weights[:, y].T, logits.detach())
-        accuracy = float((ensemble.argmax(1) == y).float().mean())
+        if last:  # the label-weighted ensemble's accuracy on the last step's samples
+            accuracy = float((ensemble.argmax(1) == y).float().mean())
     generator.eval()
     return GeneratorStats(float(teacher.detach()), float(div.detach()), accuracy)

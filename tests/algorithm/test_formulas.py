@@ -223,7 +223,7 @@ def test_batched_teacher_term_matches_a_loop_over_clients():
 
 
 def test_the_linear_fast_path_equals_the_generic_vmap_and_stacked_input_equals_states():
-    """A linear predictor's logits are one matrix product (distill.logits_by_sample); any other predictor goes
+    """A linear predictor's teacher term is one matrix product (distill.TeacherTerm); any other predictor goes
     through vmap. The same weights behind an nn.Sequential take the generic path: the generators agree up to
     float summation order. Pre-stacked theta^p (what the round accumulator hands over) gives the same
     generator bit for bit as the list of states."""
