@@ -35,7 +35,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
                       samples_per_class=args.samples_per_class, local_steps=args.local_steps,
                       round_timeout_s=args.round_timeout, aggregation=args.aggregation, broker_url=args.broker,
                       db_url=args.db, port=args.port, data_dir=args.data_dir, workdir=args.workdir,
-                      keep_serving=args.keep_serving, edge_runtime=args.edge_runtime, models=args.models or ())
+                      keep_serving=args.keep_serving, edge_runtime=args.edge_runtime, models=args.models or (),
+                      servers=args.servers)
     summary = run_fleet(cfg, args.out)
     if summary:
         final, best5 = summary.get("final_accuracy"), summary.get("best5_mean_accuracy")
@@ -85,6 +86,8 @@ def _add_server_commands(sub: argparse._SubParsersAction) -> None:
     fleet.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of starting one")
     fleet.add_argument("--db", help="database URL (default: SQLite in the work directory)")
     fleet.add_argument("--port", type=int, help="REST API port (default: a free one)")
+    fleet.add_argument("--servers", type=int, choices=range(1, 9), default=1, metavar="N",
+                       help="server processes on the one database (>1: --shared-subscription, docs/scaling.md)")
     fleet.add_argument("--workdir", type=Path, help="logs, database, artifacts, device states (default: temp)")
     fleet.add_argument("--out", type=Path, help="write run.json here")
     fleet.add_argument("--keep-serving", action="store_true", help="keep broker and server up after the job")

@@ -142,7 +142,8 @@ def test_device_cannot_subscribe_to_other_devices_topics(mosquitto_prod: ProdBro
     assert [m.topic for m in state.messages] == [f"{JOB}/clients/dev-a/ack"]
 
 
-@pytest.mark.parametrize("suffix", ["round", "manifest", "artifacts/abc123/0"])
+@pytest.mark.parametrize("suffix", ["round", "manifest", "artifacts/abc123/0", "servers/chunks/dev-b",
+                                    "servers/chunks/dev-a"])
 def test_device_cannot_write_server_topics(mosquitto_prod: ProdBroker, mqtt_clients: MakeClient, suffix: str) -> None:
     topic = f"{JOB}/{suffix}"
     server = _server(mosquitto_prod, mqtt_clients, f"w-{suffix.split('/')[0]}")
