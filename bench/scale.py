@@ -20,6 +20,7 @@ duplicated are summed over the repeats, peak RSS is the largest.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -236,19 +237,17 @@ def measure_all(args: argparse.Namespace, broker, rep: int) -> list[dict]:
         for devices in (int(d) for d in args.devices.split(",")):
             items, _ = crafted_updates(job_config("raw", devices, mode), [f"d{i:06d}" for i in range(devices)])
             raw = raw_rate(broker.port, items)
-            for db in args.db.split(","):
-                for batch in (int(b) for b in args.batch.split(",")):
-                    for backlog in (int(q) for q in args.backlog.split(",")):
-                        for servers in (int(n) for n in args.servers.split(",")):
-                            db_url = None
-                            if db == "postgres":
-                                db_url = fresh_postgres(args.pg_url, f"fedgen_scale_{mode}_{devices}_{batch}_"
-                                                                     f"{backlog}_{servers}")
-                            row = server_run(broker.url, broker.port, devices, mode, db_url, batch,
-                                             args.workdir / f"r{rep}" / db, backlog, servers)
-                            row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
-                            rows.append(row)
-                            print(json.dumps(row), flush=True)
+            for db, batch, backlog, servers in itertools.product(
+                    args.db.split(","), *([int(v) for v in values.split(",")]
+                                          for values in (args.batch, args.backlog, args.servers))):
+                db_url = None
+                if db == "postgres":
+                    db_url = fresh_postgres(args.pg_url, f"fedgen_scale_{mode}_{devices}_{batch}_{backlog}_{servers}")
+                row = server_run(broker.url, broker.port, devices, mode, db_url, batch,
+                                 args.workdir / f"r{rep}" / db, backlog, servers)
+                row.update(raw_per_s=raw, ratio=row["server_per_s"] / raw, db=db)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     return rows
 
 

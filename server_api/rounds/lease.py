@@ -28,6 +28,7 @@ class JobLeaseKeeper:
         self.ttl_s = ttl_s
         self.lost = threading.Event()  # set when a renewal failed: stop running the job's rounds
         self._held = threading.Event()
+        self._released = threading.Event()  # wakes the renewer at once
         self._renewer: threading.Thread | None = None
 
     @property
@@ -39,6 +40,7 @@ class JobLeaseKeeper:
         if not self.state.acquire_lease(self.holder, self.ttl_s):
             return False
         self.lost.clear()
+        self._released.clear()
         self._held.set()
         self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.state.job_id}", daemon=True)
         self._renewer.start()
@@ -49,6 +51,7 @@ class JobLeaseKeeper:
         """Stop renewing; give the lease up at once if it is still held (another process need not wait)."""
         held = self.held
         self._held.clear()
+        self._released.set()
         if self._renewer is not None:
             self._renewer.join(timeout=5)
             self._renewer = None
@@ -61,9 +64,7 @@ class JobLeaseKeeper:
 
     def _renew(self) -> None:
         renewed = time.monotonic()
-        while self._held.is_set() and not self.lost.is_set():
-            if not _sleep_unless_cleared(self._held, self.ttl_s / 3):
-                return
+        while not self._released.wait(self.ttl_s / 3) and not self.lost.is_set():
             try:
                 ok = self.state.acquire_lease(self.holder, self.ttl_s)
             except Exception:  # the database is away: the lease holds until it expires
@@ -75,12 +76,3 @@ class JobLeaseKeeper:
                 log.warning("job %s: lost the lease; another server process runs its rounds", self.state.job_id)
                 self.lost.set()
 
-
-def _sleep_unless_cleared(event: threading.Event, seconds: float) -> bool:
-    """Sleep `seconds` in short steps; False as soon as `event` is cleared."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if not event.is_set():
-            return False
-        time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-    return event.is_set()

@@ -162,7 +162,10 @@ class RoundKeeper:
 
     def reload(self, opened: OpenRound, weights: Mapping[str, float] | None = None) -> OpenRound:
         """The round with every accepted update added again from the store, in client-id order (with
-        `weights`, client -> its weight in the mean instead of its sample count)."""
+        `weights`, client -> its weight in the mean instead of its sample count). What `opened` had summed
+        is let go (a robust round's spilled updates deleted)."""
+        if opened.accumulator is not None:
+            opened.accumulator.close()
         fresh = OpenRound(opened.row_id, opened.window, self.runtime.new_accumulator(), opened_at=opened.opened_at)
         fresh.window.accepted = set()
         spec = self.runtime.upload_spec()
@@ -246,7 +249,6 @@ class RoundKeeper:
             return opened
         log.info("job %s round %d: client weights capped at %.2f of the round", self.config.id,
                  opened.window.index, cap)
-        opened.accumulator.close()
         return self.reload(opened, weights=dict(zip(clients, weights)))
 
     def _make_open(self, row: RoundRecord) -> OpenRound:

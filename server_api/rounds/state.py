@@ -44,6 +44,8 @@ class RoundClosed(Exception):
 
 class LeaseLost(Exception):
     """This process no longer holds the job's lease: another one runs its rounds now."""
+
+
 DB_ATTEMPTS = 30  # ~ a few minutes of backoff: a PostgreSQL restart must not lose a round
 
 

@@ -43,7 +43,6 @@ log = logging.getLogger("fedgen.server")
 
 ENDED = ("finished", "failed", "cancelled")
 FOLLOW_POLL_S = 0.5  # a process without the job's lease looks at the open round (and the lease) this often
-FOLLOW_REFRESH_S = 0.1  # and before a batch of updates, when it last looked longer ago than this
 INGEST_BATCH_ENV = "FEDGEN_INGEST_BATCH"  # messages handled together: accepted updates stored per transaction
 DEFAULT_INGEST_BATCH = 256
 
@@ -79,7 +78,6 @@ class JobWorker(threading.Thread):
         self.waiting: tuple[int, int] | None = None  # (online, needed) while a round waits for devices
         self._last_expiry = 0.0
         self._waiting_logged = 0.0
-        self._looked = 0.0
         self.batch = ingest_batch()
         self.lease = JobLeaseKeeper(self.state, ctx.instance, ctx.lease_s) if ctx.clustered else None
 
@@ -165,12 +163,8 @@ class JobWorker(threading.Thread):
 
     def _look_at_store(self, with_accepted: bool) -> None:
         """Following: the round the database shows open now (and, `with_accepted`, who has an accepted update
-        in it); without, at most every FOLLOW_REFRESH_S (called before each batch of updates, so that an update
-        right after a round opened is not refused for a round this process has not seen yet)."""
-        now = time.monotonic()
-        if not with_accepted and now - self._looked < FOLLOW_REFRESH_S:
-            return
-        self._looked = now
+        in it). Also called before each batch of updates (two small queries): a round's row is committed
+        before it is announced, so an update for it never meets a view that has not seen it."""
         self.open = self.rounds.in_store(self.state.job().current_round, self.open, with_accepted)
 
     def _step_down(self) -> None:
