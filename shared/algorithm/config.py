@@ -73,6 +73,10 @@ class AlgorithmConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     label_smoothing: _float(0.0, 1e6) = 0.0
     noise_dim: _int(1, 1024) = 32
     generator_hidden: _int(1, 4096) = 256
+    # rounds of many clients: the teacher term from M clients per generated sample, drawn with probability
+    # w[k, y] (an unbiased estimate; seeded) instead of all K, so a step costs O(M), not O(K). Unset, or M >= K:
+    # every client, exact (docs/algorithm.md, "Teacher term from a sample of clients")
+    generator_teacher_clients: _int(1, 1024) | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         if self.coefficient_decay is None:
