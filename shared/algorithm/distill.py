@@ -148,7 +148,7 @@ class SampledTeacherTerm:
 
         sum_k w[k, y_b] * CE(h_k(z_b), y_b)  is estimated by  s(y_b) / M * sum_m CE(h_{k_m}(z_b), y_b),
 
-    whose expectation over the draws is the exact term (tests/algorithm/test_formulas.py). A step costs
+    whose expectation over the draws is the exact term (tests/algorithm/test_teacher_sampling.py). A step costs
     O(B x M) predictor evaluations instead of O(B x K); clients without the label are never drawn. The draws
     are one inverse-CDF lookup per draw (a sorted search over the C per-label cumulative weights laid end to
     end), so a step's cost does not grow with K. Memory per step: B x M x C x (latent + 1) floats of gathered
