@@ -1,6 +1,7 @@
 """Cross-device scale: updates accepted and acknowledged by the server per second against raw Mosquitto's
 delivery rate for the same payloads, with the server's peak memory and round-close time, for rounds of N
-devices. Writes bench/results/scale.md; its last line printed is one JSON object for the largest run.
+devices; and how long the round takes to open when the N devices' presences arrive at once (a fleet coming
+online). Writes bench/results/scale.md; its last line printed is one JSON object for the largest run.
 
     python bench/scale.py [--devices 1000,3000,10000] [--db sqlite,postgres] [--mode partial,full]
                           [--batch 256,1] [--backlog 1000,0] [--servers 1,2] [--repeats N] [--pg-url URL]
@@ -161,6 +162,7 @@ def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str 
         topics = Topics(job)
         raw.acks = True
         raw.subscribe(f"{topics.base}/clients/+/ack")
+        online_from = time.monotonic()  # the fleet comes online at once: the round opens once all are seen
         raw.publish_all([(topics.presence(c), json.dumps({"status": "online", "num_samples": 20}).encode())
                          for c in ids], retain=True)
         deadline = time.monotonic() + 600
@@ -168,8 +170,9 @@ def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str 
             rounds = fleet.request("GET", f"/jobs/{job}/rounds")["items"]
             if rounds:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert rounds, "round 0 did not open"
+        open_s = time.monotonic() - online_from
         rss_before = sum(peak_rss_mib(proc.pid) for proc in fleet.servers.values())
         started = time.monotonic()
         raw.publish_all(items)
@@ -191,7 +194,7 @@ def server_run(broker_url: str, port: int, devices: int, mode: str, db_url: str 
                 "num_updates": rnd["num_updates"], "round_status": rnd["status"],
                 "round_seconds_after_last_ack": close_s - elapsed if close_s == close_s else None,
                 "peak_rss_mib": sum(peak_rss_mib(proc.pid) for proc in fleet.servers.values()),
-                "rss_before_mib": rss_before, "servers": servers}
+                "rss_before_mib": rss_before, "servers": servers, "open_after_presence_s": open_s}
     finally:
         raw.close()
         fleet.stop()
@@ -262,7 +265,7 @@ def medians(rows: list[dict]) -> list[dict]:
     out = []
     for runs in groups.values():
         row = dict(runs[0])
-        for key in ("seconds", "server_per_s", "raw_per_s", "ratio"):
+        for key in ("seconds", "server_per_s", "raw_per_s", "ratio", "open_after_presence_s"):
             row[key] = statistics.median(r[key] for r in runs)
         closes = [r["round_seconds_after_last_ack"] for r in runs if r["round_seconds_after_last_ack"] is not None]
         row["round_seconds_after_last_ack"] = statistics.median(closes) if closes else None
@@ -300,14 +303,15 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
              "duplicated summed over them, the largest peak RSS.", "",
              "| mode | database | devices | payload (B) | ingest batch | max backlog | server processes "
              "| server (upd/s) | raw (msg/s) | server / raw | lost | duplicated | accepted "
-             "| round closed after the last ack (s) | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| round closed after the last ack (s) | peak RSS (MiB) | round open after the presences (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['db']} | {r['devices']:,} | {r['payload_bytes']:,} | {r['batch']} | "
                      f"{r['backlog'] or 'none'} | {r.get('servers', 1)} | "
                      f"{r['server_per_s']:.0f}{_range(r)} | "
                      f"{r['raw_per_s']:.0f} | {r['ratio']:.3f} | {r['lost']} | {r['duplicated']} | {r['accepted']:,} | "
-                     f"{_seconds(r.get('round_seconds_after_last_ack'))} | {r['peak_rss_mib']:.0f} |")
+                     f"{_seconds(r.get('round_seconds_after_last_ack'))} | {r['peak_rss_mib']:.0f} | "
+                     f"{_seconds(r.get('open_after_presence_s'))} |")
     plot = args.out.with_suffix(".png")
     write_plot(rows, plot)
     lines += ["", f"![throughput, ratio, round close and peak RSS against the number of devices]({plot.name})"]

@@ -139,6 +139,16 @@ def updates_by_keys(session: Session, job_id: str, keys: Sequence[str]) -> list[
 
 
 # ------------------------------------------------------------------------------------------------- clients
+def clients_by_ids(session: Session, job_id: str, client_ids: Sequence[str]) -> list[Client]:
+    """The job's client rows with these ids (chunked: a bounded number of bind parameters)."""
+    found: list[Client] = []
+    ids = list(dict.fromkeys(client_ids))
+    for start in range(0, len(ids), 500):
+        found += session.scalars(select(Client).where(
+            Client.job_id == job_id, Client.client_id.in_(ids[start:start + 500]))).all()
+    return found
+
+
 def clients_page(session: Session, job_id: str | None, limit: int, offset: int) -> tuple[int, Sequence[Client]]:
     query, count = select(Client), select(func.count()).select_from(Client)
     if job_id is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import msgspec
 
@@ -20,6 +21,7 @@ from server_api.rounds.round import RoundWindow
 from server_api.rounds.state import ClientRecord, JobStore, VersionRecord
 from shared.data.partition import PartitionSpec
 from shared.protocol.codec import to_builtins
+from shared.protocol.errors import ValidationError
 from shared.protocol.messages import Assignment, Presence, decode_presence
 from shared.protocol.topics import Topics
 
@@ -53,24 +55,56 @@ class ClientRegistry:
     def receive(self, client: str, payload: bytes) -> None:
         """One message on `client`'s presence topic (an empty one clears a retained message: ignored).
         Raises ValidationError for a presence that does not decode."""
-        if not payload:
-            return
-        presence = decode_presence(payload)
+        for _, exc in self.receive_many([(client, payload)]):
+            raise exc
+
+    def receive_many(self, messages: Sequence[tuple[str, bytes]]) -> list[tuple[str, ValidationError]]:
+        """Messages on presence topics, as (sender, payload), in arrival order; their database rows are read
+        and written in one transaction each (a fleet coming online is thousands of presences at once).
+        Returns the refused ones (a presence that does not decode), which change nothing."""
+        decoded: list[tuple[str, Presence]] = []
+        refused: list[tuple[str, ValidationError]] = []
+        for client, payload in messages:
+            if not payload:
+                continue
+            try:
+                decoded.append((client, decode_presence(payload)))
+            except ValidationError as exc:
+                refused.append((client, exc))
+        for client, presence in decoded:
+            self._note(client, presence)
+        metrics.DEVICES_ONLINE.labels(self.job).set(len(self.online))
+        if self.mirror and decoded:
+            self._mirror(decoded)
+        return refused
+
+    def _note(self, client: str, presence: Presence) -> None:
         if presence.status == "online":
             self.online[client] = presence
             self._offline_since.pop(client, None)
         else:
             self.online.pop(client, None)
             self._offline_since[client] = time.monotonic()
-        metrics.DEVICES_ONLINE.labels(self.job).set(len(self.online))
-        if not self.mirror:
-            return
-        previous = self._saved[client][0] if client in self._saved else self.state.client(client)
-        record, assignment = self._updated(client, presence, previous)
-        if previous != record or time.monotonic() - self._saved.get(client, (None, 0.0))[1] > REFRESH_S:
-            self.state.save_client(record)
-            self._saved[client] = (record, time.monotonic())
-        if assignment is not None:
+
+    def _mirror(self, decoded: list[tuple[str, Presence]]) -> None:
+        """Write the rows that changed (or were last written over `REFRESH_S` ago), then publish the
+        partition assignments asked for."""
+        unknown = sorted({c for c, _ in decoded if c not in self._saved})
+        stored = self.state.clients_by_id(unknown) if unknown else {}
+        writes: dict[str, ClientRecord] = {}
+        assignments: list[tuple[str, Assignment]] = []
+        now = time.monotonic()
+        for client, presence in decoded:
+            previous = writes.get(client) or (self._saved[client][0] if client in self._saved else stored.get(client))
+            record, assignment = self._updated(client, presence, previous)
+            if previous != record or now - self._saved.get(client, (None, 0.0))[1] > REFRESH_S:
+                writes[client] = record
+            if assignment is not None:
+                assignments.append((client, assignment))
+        self.state.save_clients(list(writes.values()))
+        for client, record in writes.items():
+            self._saved[client] = (record, now)
+        for client, assignment in assignments:
             self.link.publish(self.topics.assignment(client), assignment.to_json(), retain=True)
             if assignment.index is None:
                 log.warning("job %s: %s asked for a partition: %s", self.job, client, assignment.reason)

@@ -174,8 +174,8 @@ class JobStore(Protocol):
     # clients
     def online_clients(self) -> list[ClientRecord]: ...
     def all_clients(self) -> list[ClientRecord]: ...
-    def client(self, client_id: str) -> ClientRecord | None: ...
-    def save_client(self, record: ClientRecord) -> None: ...
+    def clients_by_id(self, client_ids: Sequence[str]) -> dict[str, ClientRecord]: ...
+    def save_clients(self, records: Sequence[ClientRecord]) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------- SQL
@@ -382,26 +382,28 @@ class SqlJobStore:
     def all_clients(self) -> list[ClientRecord]:
         return self._tx(lambda s: [_client_record(c) for c in queries.clients_of_job(s, self.job_id)])
 
-    def client(self, client_id: str) -> ClientRecord | None:
-        def read(s: Session) -> ClientRecord | None:
-            row = s.get(Client, (self.job_id, client_id))
-            return _client_record(row) if row is not None else None
-        return self._tx(read)
+    def clients_by_id(self, client_ids: Sequence[str]) -> dict[str, ClientRecord]:
+        """The stored clients among `client_ids`, by id (one transaction)."""
+        return self._tx(lambda s: {c.client_id: _client_record(c)
+                                   for c in queries.clients_by_ids(s, self.job_id, client_ids)})
 
-    def save_client(self, record: ClientRecord) -> None:
-        """Insert or update the client's row; `last_seen` is now."""
+    def save_clients(self, records: Sequence[ClientRecord]) -> None:
+        """Insert or update the clients' rows in one transaction; `last_seen` is now. Ids must be distinct."""
         def write(s: Session) -> None:
             now = utcnow()
-            row = s.get(Client, (self.job_id, record.client_id))
-            if row is None:
-                row = Client(job_id=self.job_id, client_id=record.client_id, first_seen=now)
-                s.add(row)
-            row.status = ClientStatus(record.status)
-            row.last_seen = now
-            row.num_samples = record.num_samples
-            row.state_version = record.state_version
-            row.device_info = dict(record.device_info)
-        self._tx(write)
+            rows = {c.client_id: c for c in queries.clients_by_ids(s, self.job_id, [r.client_id for r in records])}
+            for record in records:
+                row = rows.get(record.client_id)
+                if row is None:
+                    row = Client(job_id=self.job_id, client_id=record.client_id, first_seen=now)
+                    s.add(row)
+                row.status = ClientStatus(record.status)
+                row.last_seen = now
+                row.num_samples = record.num_samples
+                row.state_version = record.state_version
+                row.device_info = dict(record.device_info)
+        if records:
+            self._tx(write)
 
 
 def _finish_round_row(s: Session, round_id: int, result: RoundResult) -> Round:

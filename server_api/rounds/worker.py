@@ -13,7 +13,6 @@ cannot be handled is refused and logged, and the job goes on: only a fault of th
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue
@@ -372,26 +371,40 @@ class JobWorker(threading.Thread):
 
     def _handle_many(self, batch: list[Message]) -> None:
         """Messages in arrival order; consecutive updates go to the intake together (one transaction for the
-        accepted ones), a presence in between is handled in its place."""
+        accepted ones), and consecutive presences to the registry together (one transaction)."""
         updates: list[tuple[str, bytes]] = []
+        presences: list[tuple[str, bytes]] = []
         for msg in batch:
             forwarded = self.topics.forwarded_from(msg.topic) if self.lease is not None else None
             if forwarded is not None:
-                if self.lease.held:  # else sent to the process that ran the rounds before: the device re-sends
-                    updates.append((forwarded, msg.payload))
-                continue
-            client = self.topics.client_of(msg.topic)
-            if client is None:
-                self._refused("bad_topic")
-            elif msg.topic.endswith("/update") and self._forwarded(client, msg.payload):
-                continue
-            elif msg.topic.endswith("/update"):
+                if not self.lease.held:
+                    continue  # sent to the process that ran the rounds before: the device re-sends
+                client, is_update = forwarded, True
+            else:
+                client, is_update = self.topics.client_of(msg.topic), msg.topic.endswith("/update")
+                if client is None:
+                    self._refused("bad_topic")
+                    continue
+                if is_update and self._forwarded(client, msg.payload):
+                    continue
+            if is_update:
+                self._flush_presences(presences)
+                presences = []
                 updates.append((client, msg.payload))
             else:
                 self._flush(updates)
                 updates = []
-                self._guarded("presence", client, functools.partial(self.clients.receive, client, msg.payload))
+                presences.append((client, msg.payload))
         self._flush(updates)
+        self._flush_presences(presences)
+
+    def _flush_presences(self, presences: list[tuple[str, bytes]]) -> None:
+        def handle() -> None:
+            for client, exc in self.clients.receive_many(presences):
+                self._refused(exc.reason)
+                log.warning("job %s: refused a presence message from %s: %s", self.job_id, client, exc)
+        if presences:
+            self._guarded("presence", _senders(presences), handle, len(presences))
 
     def _forwarded(self, client: str, raw: bytes) -> bool:
         """Following, a chunk of a multi-chunk upload is passed on to the process running the rounds (the
@@ -412,8 +425,8 @@ class JobWorker(threading.Thread):
         if updates and self.lease is not None and not self.lease.held and not self.finished.is_set():
             self._look_at_store(with_accepted=False)
         if updates:
-            senders = ", ".join(sorted({c for c, _ in updates})[:5]) + (" ..." if len(updates) > 5 else "")
-            self._guarded("update", senders, lambda: self.intake.receive_many(updates, self.open), len(updates))
+            self._guarded("update", _senders(updates), lambda: self.intake.receive_many(updates, self.open),
+                          len(updates))
 
     def _guarded(self, kind: str, sender: str, handle: Callable[[], None], count: int = 1) -> None:
         """The per-message error boundary: whatever a message does, it is refused, counted and logged, and the
@@ -432,3 +445,7 @@ class JobWorker(threading.Thread):
             log.exception("job %s: could not handle %d %s message(s) from %s (%s)", self.job_id, count, kind,
                           sender, type(exc).__name__)
 
+
+def _senders(messages: list[tuple[str, bytes]]) -> str:
+    """Who sent a batch, for a log line: the first five ids."""
+    return ", ".join(sorted({c for c, _ in messages})[:5]) + (" ..." if len(messages) > 5 else "")

@@ -103,12 +103,13 @@ class MemoryJobStore:
     def all_clients(self) -> list[ClientRecord]:
         return list(self.clients.values())
 
-    def client(self, client_id: str) -> ClientRecord | None:
-        return self.clients.get(client_id)
+    def clients_by_id(self, client_ids: Sequence[str]) -> dict[str, ClientRecord]:
+        return {c: self.clients[c] for c in client_ids if c in self.clients}
 
-    def save_client(self, record: ClientRecord) -> None:
-        self.clients[record.client_id] = record
-        self.client_writes += 1
+    def save_clients(self, records: Sequence[ClientRecord]) -> None:
+        for record in records:
+            self.clients[record.client_id] = record
+            self.client_writes += 1
 
 
 class RecordingLink:

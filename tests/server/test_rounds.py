@@ -227,7 +227,7 @@ def test_presence_and_partition_assignment(engine: Engine):
 
 # ------------------------------------------------------------------------------------------------- boundary
 class Exploding:
-    def receive(self, *args):
+    def receive_many(self, *args):
         raise RuntimeError("a bug in a handler")
 
 
