@@ -8,6 +8,7 @@ import hashlib
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 _BLOCK = 1 << 20
@@ -68,16 +69,21 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the whole new one: a temporary
-    file in the same directory, fsync, rename over `path`, fsync of the directory. With `sync` False neither
-    fsync happens: the caller makes many such writes durable at once (`syncfs`). Creates parent folders."""
+def atomic_write(path: str | os.PathLike, data: bytes | Sequence[bytes], mode: int = 0o644,
+                 sync: bool = True) -> None:
+    """Write `data` (bytes, or pieces written one after the other) to `path` so that a crash leaves either
+    the old file or the whole new one: a temporary file in the same directory, fsync, rename over `path`,
+    fsync of the directory. With `sync` False neither fsync happens: the caller makes many such writes
+    durable at once (`syncfs`). Creates parent folders."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                f.writelines(data)
             f.flush()
             if sync:
                 os.fsync(f.fileno())

@@ -668,7 +668,7 @@ def test_store_ingest_batch_packs_small_updates_and_files_large_ones(tmp_path: P
     kept = os.urandom(PACK_MAX_BLOB + 1)
     store.put(kept)
     mtime = store.path(sha256_hex(kept)).stat().st_mtime_ns
-    blobs = [os.urandom(n) for n in (2000, 1, PACK_MAX_BLOB, 0)] + [os.urandom(108_000), kept]
+    blobs = [os.urandom(n) for n in (2000, 1, PACK_MAX_BLOB, 0)] + [os.urandom(PACK_MAX_BLOB + 2), kept]
     places = store.put_updates(blobs, [sha256_hex(b) for b in blobs])
     (name, _), *_ = places
     assert places == [(name, 0), (name, 2000), (name, 2001), (name, 2001 + PACK_MAX_BLOB), (None, None),
