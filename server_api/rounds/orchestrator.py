@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from server_api.db import queries
 from server_api.db.engine import in_transaction
@@ -14,6 +15,7 @@ from shared.protocol.topics import ROOT, job_of
 
 log = logging.getLogger("fedgen.server")
 JOB_WATCH_S = 2.0
+MAX_LOOKED_UP = 4096  # job ids asked about recently (a bound: topics are the senders' choice)
 
 
 class Orchestrator:
@@ -33,6 +35,7 @@ class Orchestrator:
         self._stopping = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch, name="mqtt-dispatch", daemon=True)
         self._watcher = threading.Thread(target=self._watch_jobs, name="job-watch", daemon=True)
+        self._looked_up: dict[str, float] = {}  # job id -> when the database was last asked about it
         prefix = f"$share/{share_group}/" if share_group else ""
         self.subscriptions = [f"{prefix}{ROOT}/+/clients/+/update", f"{ROOT}/+/clients/+/presence"]
         if ctx.clustered:  # multi-chunk uploads passed on to the process running the job's rounds
@@ -99,9 +102,8 @@ class Orchestrator:
             if job_id is None:
                 msg.done()
                 continue
-            with self._lock:
-                worker = self.workers.get(job_id)
-            if worker is not None and worker.is_alive():
+            worker = self._worker_of(job_id)
+            if worker is not None:
                 worker.inbox.put(msg)
                 if not worker.is_alive():  # it ended meanwhile: nobody will handle what it still holds
                     worker.drain()
@@ -109,3 +111,31 @@ class Orchestrator:
             msg.done()
             if msg.topic.endswith("/update"):
                 log.warning("update on %s for a job that is not running; ignored", msg.topic[:200])
+
+    def _worker_of(self, job_id: str) -> JobWorker | None:
+        """The live worker of `job_id`. In a clustered process, a job not running here yet may have just been
+        created through another process's API (the watcher looks every JOB_WATCH_S seconds, and a round can
+        open sooner): the database is asked, at most once a second per job id, and its worker started."""
+        with self._lock:
+            worker = self.workers.get(job_id)
+        if worker is not None and worker.is_alive():
+            return worker
+        if not self.ctx.clustered or worker is not None:
+            return None
+        now = time.monotonic()
+        if now - self._looked_up.get(job_id, -1.0) < 1.0:
+            return None
+        if len(self._looked_up) >= MAX_LOOKED_UP:  # ids come from topics, which anyone can invent
+            self._looked_up.clear()
+        self._looked_up[job_id] = now
+        try:
+            unfinished = in_transaction(self.ctx.session_factory, queries.unfinished_job_ids)
+        except Exception:  # the database is away: the message is ignored, as before
+            log.warning("could not look for job %s", job_id[:100], exc_info=True)
+            return None
+        if job_id not in unfinished:
+            return None
+        self.job_created(job_id)
+        with self._lock:
+            worker = self.workers.get(job_id)
+        return worker if worker is not None and worker.is_alive() else None

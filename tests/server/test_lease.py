@@ -125,3 +125,39 @@ def test_keeper_renews_while_held_and_reports_a_lost_lease(stores, session_facto
     keeper.release()
     with session_factory() as s:
         assert s.get(JobLease, JOB).holder == "b"  # releasing a lost lease leaves the new holder's alone
+
+
+def test_a_clustered_process_starts_a_job_it_hears_of_before_its_watcher_looks(session_factory, tmp_path,
+                                                                                monkeypatch) -> None:
+    """A job created through another process's API can open its first round before this process's watcher
+    has looked (JOB_WATCH_S): the first message for it makes the process ask the database and start the job,
+    instead of dropping the update; an unknown id is asked about at most once a second."""
+    from server_api.db.store import ArtifactStore
+    from server_api.rounds.context import ServerContext
+    from server_api.rounds.orchestrator import Orchestrator
+    from tests.server.memory_store import RecordingLink
+
+    with session_factory.begin() as s:
+        s.add(Job(id="fresh-job", config={}))
+    ctx = ServerContext(session_factory, ArtifactStore(tmp_path), RecordingLink(), instance="p1")
+    orchestrator = Orchestrator(ctx, share_group="servers")
+    started: list[str] = []
+
+    class Started:
+        def is_alive(self) -> bool:
+            return True
+
+    def job_created(job_id: str) -> None:
+        started.append(job_id)
+        orchestrator.workers[job_id] = Started()  # type: ignore[assignment]
+
+    monkeypatch.setattr(orchestrator, "job_created", job_created)
+    assert orchestrator._worker_of("fresh-job") is not None and started == ["fresh-job"]
+    assert orchestrator._worker_of("fresh-job") is not None and started == ["fresh-job"]  # running now
+    asked: list[int] = []
+    monkeypatch.setattr("server_api.rounds.orchestrator.queries.unfinished_job_ids",
+                        lambda s: asked.append(1) or ["fresh-job"])
+    assert orchestrator._worker_of("no-such-job") is None and orchestrator._worker_of("no-such-job") is None
+    assert len(asked) == 1  # the second within a second was not asked
+    single = Orchestrator(ServerContext(session_factory, ArtifactStore(tmp_path), RecordingLink()))
+    assert single._worker_of("fresh-job") is None  # one process: its own API starts its jobs
