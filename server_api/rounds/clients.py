@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 import msgspec
+from sqlalchemy.exc import DataError, IntegrityError
 
 from server_api import metrics
 from server_api.db.models import utcnow
@@ -101,13 +102,24 @@ class ClientRegistry:
                 writes[client] = record
             if assignment is not None:
                 assignments.append((client, assignment))
-        self.state.save_clients(list(writes.values()))
-        for client, record in writes.items():
-            self._saved[client] = (record, now)
+        for record in self._save(list(writes.values())):
+            self._saved[record.client_id] = (record, now)
         for client, assignment in assignments:
             self.link.publish(self.topics.assignment(client), assignment.to_json(), retain=True)
             if assignment.index is None:
                 log.warning("job %s: %s asked for a partition: %s", self.job, client, assignment.reason)
+
+    def _save(self, records: list[ClientRecord]) -> list[ClientRecord]:
+        """Write the rows in one transaction; if the database refuses what one of them holds, each on its own,
+        so that one device's row does not keep the others' from being written. The rows written."""
+        try:
+            self.state.save_clients(records)
+            return records
+        except (DataError, IntegrityError):
+            if len(records) == 1:
+                log.exception("job %s: could not store the presence of %s", self.job, records[0].client_id)
+                return []
+        return [r for r in records if self._save([r])]
 
     def announced(self, client: str) -> int | None:
         """The sample count `client` announced in its presence, if it is online and said."""

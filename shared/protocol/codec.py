@@ -35,8 +35,9 @@ UnixTime = Annotated[float, msgspec.Meta(ge=0, le=1e11)]  # seconds since 1970, 
 
 
 def text(limit: int) -> Any:
-    """A string of at most `limit` characters."""
-    return Annotated[str, msgspec.Meta(max_length=limit)]
+    """A string of at most `limit` characters, without NUL (PostgreSQL's text and JSONB refuse it: one such
+    string would fail the whole transaction it is written in)."""
+    return Annotated[str, msgspec.Meta(max_length=limit, pattern="^[^\x00]*\\Z")]
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
