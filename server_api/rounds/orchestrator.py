@@ -5,17 +5,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 
 from server_api.db import queries
 from server_api.db.engine import in_transaction
 from server_api.rounds.context import ServerContext
 from server_api.rounds.worker import JobWorker
+from shared.mqtt import Message
 from shared.protocol.topics import ROOT, job_of
 
 log = logging.getLogger("fedgen.server")
 JOB_WATCH_S = 2.0
-MAX_LOOKED_UP = 4096  # job ids asked about recently (a bound: topics are the senders' choice)
+LOOK_AGAIN_S = 0.25  # the watcher looks at most this often when woken by messages for unknown jobs
+MAX_HELD = 1000  # messages for unknown jobs waiting for the watcher's look (then handed on or dropped)
 
 
 class Orchestrator:
@@ -35,7 +36,8 @@ class Orchestrator:
         self._stopping = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch, name="mqtt-dispatch", daemon=True)
         self._watcher = threading.Thread(target=self._watch_jobs, name="job-watch", daemon=True)
-        self._looked_up: dict[str, float] = {}  # job id -> when the database was last asked about it
+        self._look_now = threading.Event()  # a message came for a job not running here: look for jobs now
+        self._held: list[Message] = []  # those messages, until the watcher has looked
         prefix = f"$share/{share_group}/" if share_group else ""
         self.subscriptions = [f"{prefix}{ROOT}/+/clients/+/update", f"{ROOT}/+/clients/+/presence"]
         if ctx.clustered:  # multi-chunk uploads passed on to the process running the job's rounds
@@ -55,11 +57,15 @@ class Orchestrator:
             self.job_created(job_id)
 
     def _watch_jobs(self) -> None:
-        while not self._stopping.wait(JOB_WATCH_S):
+        while not self._stopping.is_set():
+            self._look_now.wait(JOB_WATCH_S)
+            self._look_now.clear()
             try:
                 self._start_unfinished()
             except Exception:  # the database is away: try again later
                 log.warning("could not look for new jobs", exc_info=True)
+            self._release_held()
+            self._stopping.wait(LOOK_AGAIN_S)  # a flood of messages for unknown jobs: one look per interval
 
     def stop(self) -> None:
         self._stopping.set()
@@ -73,7 +79,7 @@ class Orchestrator:
     def job_created(self, job_id: str) -> None:
         """Start running `job_id` (called by POST /jobs, and on start for unfinished jobs)."""
         with self._lock:
-            if job_id in self.workers and self.workers[job_id].is_alive():
+            if self._stopping.is_set() or (job_id in self.workers and self.workers[job_id].is_alive()):
                 return
             worker = JobWorker(job_id, self.ctx)
             self.workers[job_id] = worker
@@ -107,35 +113,39 @@ class Orchestrator:
                 worker.inbox.put(msg)
                 if not worker.is_alive():  # it ended meanwhile: nobody will handle what it still holds
                     worker.drain()
-                continue
-            msg.done()
-            if msg.topic.endswith("/update"):
-                log.warning("update on %s for a job that is not running; ignored", msg.topic[:200])
+            elif job_id in self.workers or not self._hold(msg):  # a job that ran here and finished: dropped
+                self._drop(msg)
 
     def _worker_of(self, job_id: str) -> JobWorker | None:
-        """The live worker of `job_id`. In a clustered process, a job not running here yet may have just been
-        created through another process's API (the watcher looks every JOB_WATCH_S seconds, and a round can
-        open sooner): the database is asked, at most once a second per job id, and its worker started."""
-        with self._lock:
-            worker = self.workers.get(job_id)
-        if worker is not None and worker.is_alive():
-            return worker
-        if not self.ctx.clustered or worker is not None:
-            return None
-        now = time.monotonic()
-        if now - self._looked_up.get(job_id, -1.0) < 1.0:
-            return None
-        if len(self._looked_up) >= MAX_LOOKED_UP:  # ids come from topics, which anyone can invent
-            self._looked_up.clear()
-        self._looked_up[job_id] = now
-        try:
-            unfinished = in_transaction(self.ctx.session_factory, queries.unfinished_job_ids)
-        except Exception:  # the database is away: the message is ignored, as before
-            log.warning("could not look for job %s", job_id[:100], exc_info=True)
-            return None
-        if job_id not in unfinished:
-            return None
-        self.job_created(job_id)
         with self._lock:
             worker = self.workers.get(job_id)
         return worker if worker is not None and worker.is_alive() else None
+
+    def _hold(self, msg: Message) -> bool:
+        """A clustered process may hear of a job before its watcher has looked (created through another
+        process's API, its first round already open): the message waits, and the watcher looks at once
+        (at most every LOOK_AGAIN_S), then hands it to the job's worker or drops it. True if it waits."""
+        if not self.ctx.clustered:
+            return False
+        with self._lock:
+            if len(self._held) >= MAX_HELD:
+                return False
+            self._held.append(msg)
+        self._look_now.set()
+        return True
+
+    def _release_held(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        for msg in held:
+            worker = self._worker_of(job_of(msg.topic) or "")
+            if worker is not None:
+                worker.inbox.put(msg)
+            else:
+                self._drop(msg)
+
+    @staticmethod
+    def _drop(msg: Message) -> None:
+        msg.done()
+        if msg.topic.endswith("/update"):
+            log.warning("update on %s for a job that is not running; ignored", msg.topic[:200])
