@@ -7,9 +7,9 @@ Each takes an open `Session` and neither commits nor opens transactions: the cal
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Row, case, func, literal_column, select
+from sqlalchemy import ColumnElement, Row, Select, case, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from server_api.db.models import (
@@ -23,6 +23,8 @@ from server_api.db.models import (
     RoundStatus,
     UpdateStatus,
 )
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------- jobs
@@ -128,25 +130,26 @@ def update_by_key(session: Session, job_id: str, key: str) -> ClientUpdate | Non
                                                       ClientUpdate.idempotency_key == key)).first()
 
 
-def updates_by_keys(session: Session, job_id: str, keys: Sequence[str]) -> list[ClientUpdate]:
-    """The job's updates with these idempotency keys (chunked: a bounded number of bind parameters)."""
-    found: list[ClientUpdate] = []
-    keys = list(dict.fromkeys(keys))
-    for start in range(0, len(keys), 500):
-        found += session.scalars(select(ClientUpdate).where(
-            ClientUpdate.job_id == job_id, ClientUpdate.idempotency_key.in_(keys[start:start + 500]))).all()
+def _where_in(session: Session, query: Select[tuple[T]], column: Any, values: Sequence[str]) -> list[T]:
+    """The rows of `query` whose `column` is one of `values` (distinct), asked 500 at a time: a bounded number
+    of bind parameters."""
+    found: list[T] = []
+    values = list(dict.fromkeys(values))
+    for start in range(0, len(values), 500):
+        found += session.scalars(query.where(column.in_(values[start:start + 500]))).all()
     return found
+
+
+def updates_by_keys(session: Session, job_id: str, keys: Sequence[str]) -> list[ClientUpdate]:
+    """The job's updates with these idempotency keys."""
+    return _where_in(session, select(ClientUpdate).where(ClientUpdate.job_id == job_id),
+                     ClientUpdate.idempotency_key, keys)
 
 
 # ------------------------------------------------------------------------------------------------- clients
 def clients_by_ids(session: Session, job_id: str, client_ids: Sequence[str]) -> list[Client]:
-    """The job's client rows with these ids (chunked: a bounded number of bind parameters)."""
-    found: list[Client] = []
-    ids = list(dict.fromkeys(client_ids))
-    for start in range(0, len(ids), 500):
-        found += session.scalars(select(Client).where(
-            Client.job_id == job_id, Client.client_id.in_(ids[start:start + 500]))).all()
-    return found
+    """The job's client rows with these ids."""
+    return _where_in(session, select(Client).where(Client.job_id == job_id), Client.client_id, client_ids)
 
 
 def clients_page(session: Session, job_id: str | None, limit: int, offset: int) -> tuple[int, Sequence[Client]]:

@@ -108,18 +108,19 @@ class Orchestrator:
             if job_id is None:
                 msg.done()
                 continue
-            worker = self._worker_of(job_id)
-            if worker is not None:
-                worker.inbox.put(msg)
-                if not worker.is_alive():  # it ended meanwhile: nobody will handle what it still holds
-                    worker.drain()
-            elif job_id in self.workers or not self._hold(msg):  # a job that ran here and finished: dropped
-                self._drop(msg)
+            if not self._deliver(job_id, msg) and (job_id in self.workers or not self._hold(msg)):
+                self._drop(msg)  # a job that ran here and finished, or nothing can wait any more
 
-    def _worker_of(self, job_id: str) -> JobWorker | None:
+    def _deliver(self, job_id: str, msg: Message) -> bool:
+        """Hand `msg` to the live worker of `job_id`; False if there is none."""
         with self._lock:
             worker = self.workers.get(job_id)
-        return worker if worker is not None and worker.is_alive() else None
+        if worker is None or not worker.is_alive():
+            return False
+        worker.inbox.put(msg)
+        if not worker.is_alive():  # it ended meanwhile: nobody will handle what it still holds
+            worker.drain()
+        return True
 
     def _hold(self, msg: Message) -> bool:
         """A clustered process may hear of a job before its watcher has looked (created through another
@@ -138,10 +139,7 @@ class Orchestrator:
         with self._lock:
             held, self._held = self._held, []
         for msg in held:
-            worker = self._worker_of(job_of(msg.topic) or "")
-            if worker is not None:
-                worker.inbox.put(msg)
-            else:
+            if not self._deliver(job_of(msg.topic) or "", msg):
                 self._drop(msg)
 
     @staticmethod

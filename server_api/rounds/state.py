@@ -346,7 +346,7 @@ class SqlJobStore:
             taken = {u.idempotency_key for u in queries.updates_by_keys(s, self.job_id,
                                                                         [r.idempotency_key for r in records])}
             rows = [self._row(r) for r in records if r.idempotency_key not in taken]
-            if rows:  # one multi-row INSERT through Core: ORM objects cost more than the rest of the ingest
+            if rows:  # one Core INSERT, the rows as its parameters: ORM objects cost more than the rest
                 s.execute(insert(ClientUpdate.__table__), rows)
             return [r.idempotency_key not in taken for r in records]
         if not records:
